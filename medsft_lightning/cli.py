@@ -1,0 +1,95 @@
+"""``medsft``: LightningCLI for fit / validate / test / predict, plus ``medsft tiny``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from medsft_lightning.data import MedicalDataModule
+from medsft_lightning.encoding import TemplateError
+from medsft_lightning.loggers import MedSwanLabLogger
+from medsft_lightning.module import MedSFTModule
+from medsft_lightning.sources import DataError
+
+EXTRA_COMMANDS = {"tiny": "medsft_lightning.tiny"}
+
+
+class ConfigError(ValueError):
+    """One or more config values that cannot work; the message lists each with its fix."""
+
+
+def check_config(cfg) -> list[str]:
+    """Problems in a parsed subcommand config, each naming the flag, its value and the fix."""
+    problems = []
+    data, model, trainer = cfg.get("data", {}), cfg.get("model", {}), cfg.get("trainer", {})
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            problems.append(f"--{flag}={value!r}: {fix}")
+
+    need(data.get("max_length", 2) >= 16, "data.max_length", data.get("max_length"), "use at least 16 tokens")
+    need(data.get("batch_size", 1) >= 1, "data.batch_size", data.get("batch_size"), "use 1 or more")
+    need(0 < data.get("val_fraction", 0.1) < 1, "data.val_fraction", data.get("val_fraction"),
+         "use a fraction strictly between 0 and 1")
+    need(model.get("learning_rate", 1) > 0, "model.learning_rate", model.get("learning_rate"), "use a positive LR")
+    need(0 <= model.get("warmup_ratio", 0) < 1, "model.warmup_ratio", model.get("warmup_ratio"), "use [0, 1)")
+    precision = str(trainer.get("precision"))
+    need(not (trainer.get("accelerator") == "cpu" and precision.startswith(("bf16", "16"))),
+         "trainer.precision", precision,
+         "half precision on CPU is ~200x slower than fp32 here; use 32-true on CPU, bf16-true on GPU")
+    return problems
+
+
+class MedSFTCLI(LightningCLI):
+    """LightningCLI with medsft's argument links, config checks and run-folder wiring."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(MedSFTModule, MedicalDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.cache_dir", "data.cache_dir")
+        # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        problems = check_config(cfg)
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+    def _wire_run_folder(self) -> None:
+        """SwanLab's files go inside the run folder of the first (CSV) logger."""
+        loggers = self.trainer.loggers
+        csv = next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
+        for lg in loggers:
+            if isinstance(lg, MedSwanLabLogger) and csv is not None:
+                lg.set_log_dir(f"{csv.log_dir}/swanlog")
+
+    def before_fit(self) -> None:
+        self._wire_run_folder()
+
+    before_validate = before_test = before_predict = before_fit
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Console entry point."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        MedSFTCLI(args=argv)
+    except (ConfigError, DataError, TemplateError, FileNotFoundError) as err:
+        sys.exit(f"medsft: error: {err}")
+
+
+if __name__ == "__main__":
+    cli_main()

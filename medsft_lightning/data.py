@@ -1,0 +1,216 @@
+"""The LightningDataModule: download, read and check, split, encode once, batch."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from medsft_lightning import hub
+from medsft_lightning.collate import IGNORE_INDEX, pad_collate
+from medsft_lightning.encoding import encode_example, encode_rows
+from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
+from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
+from medsft_lightning.sources import Rows, data_files, fingerprint, read_rows, split_indices
+
+__all__ = ["MedicalDataModule", "EncodedDataset", "encode_example"]
+logger = logging.getLogger(__name__)
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Encoded rows, indexed by ints or by the sampler's ``(index, window_tokens)`` pairs."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, window = key if isinstance(key, tuple) else (key, None)
+        if index == PAD_INDEX:  # keeps data-parallel ranks in step; trains on nothing
+            row = dict(self.rows[0], labels=[IGNORE_INDEX] * len(self.rows[0]["labels"]), num_supervised=0)
+        else:
+            row = self.rows[index]
+        row = {k: row[k] for k in ("input_ids", "attention_mask", "labels", "row_id")}
+        if window is not None:
+            row["window_tokens"] = window
+        return row
+
+
+class MedicalDataModule(L.LightningDataModule):
+    """Medical reasoning rows (``question``/``think``/``answer``) for supervised fine-tuning.
+
+    Args:
+        dataset: a ModelScope dataset id, a local .jsonl/.json file or folder of them, or
+            ``medsft:sample`` (the packaged offline sample).
+        dataset_revision: ModelScope revision (branch, tag or commit) of ``dataset``.
+        val_dataset: an explicit validation file/folder/id; replaces the random split when set.
+        val_fraction: share of ``dataset`` held out for validation when no ``val_dataset`` is given.
+        split_seed: seed of the train/validation split.
+        tokenizer: the tokenizer's model id or folder (linked to ``model.model_name_or_path``).
+        system_prompt: system turn of every conversation (``""`` for none).
+        max_length: longest encoded row in tokens; longer rows lose the end of their answer.
+        batch_size: rows per micro-batch on each device.
+        pad_to_multiple_of: round each batch's padded length up to a multiple of this (``None``: off).
+        shuffle_seed: seed of the per-epoch shuffling of training rows.
+        on_bad_rows: ``error`` stops on the first read with every bad row listed; ``skip`` counts
+            and skips them.
+        num_workers: DataLoader worker processes (0 = in the main process).
+        cache_dir: where downloads and the encoded-row cache go (default: ModelScope's cache).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "krisfu/delicate_medical_r1_data",
+        dataset_revision: str | None = "master",
+        val_dataset: str | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 42,
+        tokenizer: str = hub.TINY_MODEL,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_length: int = 2048,
+        batch_size: int = 4,
+        pad_to_multiple_of: int | None = None,
+        shuffle_seed: int = 42,
+        on_bad_rows: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_obj = None
+        self.train_set: EncodedDataset | None = None
+        self.val_set: EncodedDataset | None = None
+        self.stats: dict[str, int | str] = {}
+
+    # -- preparation (rank 0 of each node): downloads only ---------------------------------------
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        hub.resolve_dataset(hp.dataset, hp.dataset_revision, hp.cache_dir)
+        if hp.val_dataset:
+            hub.resolve_dataset(hp.val_dataset, hp.dataset_revision, hp.cache_dir)
+        hub.resolve_model(hp.tokenizer, cache_dir=hp.cache_dir, tokenizer_only=True)
+
+    def load_tokenizer(self):
+        if self.tokenizer_obj is None:
+            from transformers import AutoTokenizer
+
+            path = hub.resolve_model(self.hparams.tokenizer, cache_dir=self.hparams.cache_dir, tokenizer_only=True)
+            self.tokenizer_obj = AutoTokenizer.from_pretrained(path)
+        return self.tokenizer_obj
+
+    def _read(self, name: str) -> Rows:
+        hp = self.hparams
+        path = hub.resolve_dataset(name, hp.dataset_revision, hp.cache_dir)
+        rows = read_rows(data_files(path), skip_bad=hp.on_bad_rows == "skip")
+        rows.raise_if_problems(str(path))
+        if rows.skipped:
+            logger.warning("Skipped %d bad row(s) of %s (data.on_bad_rows=skip)", rows.skipped, path)
+        return rows
+
+    def split_rows(self) -> tuple[Rows, Rows]:
+        """Read the sources and return ``(train, val)`` rows."""
+        hp = self.hparams
+        rows = self._read(hp.dataset)
+        if hp.val_dataset:
+            return rows, self._read(hp.val_dataset)
+        train_idx, val_idx = split_indices(len(rows.rows), hp.val_fraction, hp.split_seed)
+
+        def pick(idx: list[int]) -> Rows:
+            return Rows([rows.rows[i] for i in idx], [rows.where[i] for i in idx])
+
+        return pick(train_idx), pick(val_idx)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val = self.split_rows()
+        self.train_set = self._encode(train, "train")
+        self.val_set = self._encode(val, "val")
+
+    def _encode(self, rows: Rows, split: str) -> EncodedDataset:
+        encoded = self._encode_cached(rows.rows)
+        kept = []
+        for row_id, enc in enumerate(encoded):
+            if enc is not None:
+                kept.append({**enc, "row_id": row_id})
+        dropped = len(rows.rows) - len(kept)
+        truncated = sum(bool(r["truncated"]) for r in kept)
+        tokens = sum(r["num_supervised"] for r in kept)
+        self.stats.update(
+            {
+                f"{split}_rows": len(kept),
+                f"{split}_dropped": dropped,
+                f"{split}_truncated": truncated,
+                f"{split}_supervised_tokens": tokens,
+                f"{split}_fingerprint": fingerprint(rows.rows),
+            }
+        )
+        rank_zero_info(
+            f"[data] {split}: {len(kept)} rows (fingerprint {self.stats[f'{split}_fingerprint']}), "
+            f"{tokens} supervised tokens, {truncated} truncated to max_length={self.hparams.max_length}, "
+            f"{dropped} dropped with no supervised token left"
+        )
+        if not kept:
+            raise ValueError(f"data: the {split} split has no trainable row left (max_length={self.hparams.max_length})")
+        return EncodedDataset(kept)
+
+    def _encode_cached(self, rows: list[dict]) -> list[dict | None]:
+        """Encode with a batched ``datasets.map``; results are cached on disk by content hash."""
+        import datasets
+
+        tokenizer = self.load_tokenizer()
+        key = fingerprint(
+            [{"rows": fingerprint(rows), "tok": self.hparams.tokenizer, "sys": self.hparams.system_prompt,
+              "len": self.hparams.max_length, "tmpl": tokenizer.chat_template or "", "v": 1}]
+        )
+        cache = Path(self.hparams.cache_dir or Path.home() / ".cache" / "medsft") / "encoded" / key
+        if (cache / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(cache))
+        else:
+            encode = partial(_encode_batch, tokenizer=tokenizer, system_prompt=self.hparams.system_prompt,
+                             max_length=self.hparams.max_length)
+            ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256,
+                                                      remove_columns=["question", "think", "answer"])
+            ds.save_to_disk(str(cache))
+        return [None if not r["keep"] else r for r in ds]
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_collate(rows, self.load_tokenizer().pad_token_id, self.hparams.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = WindowBatchSampler(
+            [r["num_supervised"] for r in self.train_set.rows],
+            batch_size=self.hparams.batch_size,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
+            seed=self.hparams.shuffle_seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=self._collate, num_workers=self.hparams.num_workers)
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, system_prompt: str, max_length: int) -> dict[str, list]:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    encoded = encode_rows(rows, tokenizer, system_prompt=system_prompt, max_length=max_length)
+    empty = {"input_ids": [], "attention_mask": [], "labels": [], "num_supervised": 0, "truncated": False}
+    out: dict[str, list] = {key: [] for key in [*empty, "keep"]}
+    for enc in encoded:
+        for key in empty:
+            out[key].append((enc or empty)[key])
+        out["keep"].append(enc is not None)
+    return out

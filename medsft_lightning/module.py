@@ -1,0 +1,152 @@
+"""The LightningModule: Qwen3 full-parameter fine-tuning with a token-mean loss."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from medsft_lightning import hub
+from medsft_lightning.collate import IGNORE_INDEX
+
+PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (fp32) over supervised positions, and their count."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MedSFTModule(L.LightningModule):
+    """Qwen3 (any causal LM) fine-tuned on all parameters.
+
+    Args:
+        model_name_or_path: ModelScope id (``Qwen/Qwen3-1.7B``), ``hf://`` Hugging Face id, local
+            folder, or ``medsft:tiny-qwen3`` (the offline tiny model, built on first use).
+        model_revision: ModelScope revision of the model.
+        cache_dir: download cache (default: ModelScope's, ``MODELSCOPE_CACHE``).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        betas: AdamW betas.
+        warmup_ratio: share of all optimizer steps spent warming the LR up linearly.
+        min_lr_ratio: LR at the end of the cosine decay, as a share of ``learning_rate``.
+        gradient_checkpointing: recompute activations in backward (less memory, ~20-30% slower).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (if installed).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = hub.TINY_MODEL,
+        model_revision: str | None = None,
+        cache_dir: str | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = True,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None
+        self.val_loss = MeanMetric()
+        self.val_acc = MeanMetric()
+        self._step_started: float | None = None
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        path = hub.resolve_model(hp.model_name_or_path, revision=hp.model_revision, cache_dir=hp.cache_dir)
+        dtype = PRECISION_DTYPES.get(str(self.trainer.precision) if self._trainer else "", torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=hp.attn_implementation)
+        self.model.train()  # from_pretrained returns eval mode; HF checkpointing only acts in train mode
+        self.model.config.use_cache = False
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        n_params = sum(p.numel() for p in self.model.parameters())
+        rank_zero_info(f"[model] {hp.model_name_or_path}: {n_params / 1e6:.1f}M parameters, {dtype}, "
+                       f"gradient checkpointing {'on' if hp.gradient_checkpointing else 'off'}")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+    # -- training ----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = token_loss_sum(self(batch), batch["labels"])
+        if "window_tokens" in batch:
+            # Token mean over the whole optimizer step on all ranks: Lightning divides by the number
+            # of accumulation steps and DDP averages over ranks, so scale both back.
+            window = batch["window_tokens"][0].to(loss_sum.dtype)
+            loss = loss_sum / window * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        else:
+            loss = loss_sum / n_tokens.clamp(min=1)
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self.log("train_loss", loss_sum.detach() / n_tokens.clamp(min=1), prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        if elapsed > 0:
+            self.log("train_supervised_tokens_per_s", n_tokens.float() / elapsed)
+            self.log("train_tokens_per_s", batch["attention_mask"].sum().float() / elapsed)
+        return loss
+
+    # -- validation --------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        loss_sum, n_tokens = token_loss_sum(logits, batch["labels"])
+        if n_tokens > 0:  # weighted means = exact token means over the whole split
+            targets = batch["labels"][:, 1:]
+            correct = ((logits[:, :-1].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
+            self.val_acc.update(correct / n_tokens, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val_loss": loss, "val_ppl": torch.exp(loss), "val_token_acc": self.val_acc.compute()},
+                      prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate, betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
