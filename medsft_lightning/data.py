@@ -177,7 +177,8 @@ class MedicalDataModule(L.LightningDataModule):
         else:
             encode = partial(_encode_batch, tokenizer=tokenizer, system_prompt=self.hparams.system_prompt,
                              max_length=self.hparams.max_length)
-            ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256,
+            # new_fingerprint: our own content key, so datasets does not pickle the tokenizer to hash it.
+            ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, new_fingerprint=key,
                                                       remove_columns=["question", "think", "answer"])
             ds.save_to_disk(str(cache))
         return [None if not r["keep"] else r for r in ds]

@@ -7,23 +7,13 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from medsft_lightning import hub
-from medsft_lightning.collate import IGNORE_INDEX
+from medsft_lightning.loss import chunked_cross_entropy
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (fp32) over supervised positions, and their count."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -49,6 +39,8 @@ class MedSFTModule(L.LightningModule):
         min_lr_ratio: LR at the end of the cosine decay, as a share of ``learning_rate``.
         gradient_checkpointing: recompute activations in backward (less memory, ~20-30% slower).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (if installed).
+        loss_chunk_size: supervised tokens per LM-head chunk of the loss; the full
+            ``[tokens, vocab]`` logits are never built (peak extra memory ~ chunk × vocab × 4 bytes).
     """
 
     def __init__(
@@ -63,6 +55,7 @@ class MedSFTModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = True,
         attn_implementation: str = "sdpa",
+        loss_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,15 +82,20 @@ class MedSFTModule(L.LightningModule):
         rank_zero_info(f"[model] {hp.model_name_or_path}: {n_params / 1e6:.1f}M parameters, {dtype}, "
                        f"gradient checkpointing {'on' if hp.gradient_checkpointing else 'off'}")
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss_sum, num_supervised, num_correct)`` of a batch, from hidden states in LM-head chunks."""
+        hidden = self.model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        weight = self.model.get_output_embeddings().weight
+        return chunked_cross_entropy(hidden, weight, batch["labels"], self.hparams.loss_chunk_size)
 
     # -- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_tokens = token_loss_sum(self(batch), batch["labels"])
+        loss_sum, n_tokens, _ = self(batch)
         if "window_tokens" in batch:
             # Token mean over the whole optimizer step on all ranks: Lightning divides by the number
             # of accumulation steps and DDP averages over ranks, so scale both back.
@@ -115,11 +113,8 @@ class MedSFTModule(L.LightningModule):
 
     # -- validation --------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch)
-        loss_sum, n_tokens = token_loss_sum(logits, batch["labels"])
+        loss_sum, n_tokens, correct = self(batch)
         if n_tokens > 0:  # weighted means = exact token means over the whole split
-            targets = batch["labels"][:, 1:]
-            correct = ((logits[:, :-1].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
             self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
             self.val_acc.update(correct / n_tokens, weight=n_tokens)
 

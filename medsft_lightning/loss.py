@@ -1,0 +1,87 @@
+"""Cross-entropy straight from hidden states, in chunks, without the full logits tensor.
+
+Only supervised positions go through the LM head, and they go in chunks of ``chunk_size`` tokens: the
+``[chunk, vocab]`` logits (fp32 for the softmax) are the largest thing alive, never
+``[tokens, 151,936]``. When gradients are needed, each chunk's gradients for the hidden states and the
+LM-head weight are computed right away in the forward pass (as Liger's fused linear cross-entropy
+does), so nothing per-chunk is kept for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medsft_lightning.collate import IGNORE_INDEX
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (hidden @ weight.t()).float()
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = _chunk_logits(h, weight)
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(t.numel(), device=t.device)
+            loss += (lse - logits[rows, t]).sum()
+            correct += (logits.argmax(-1) == t).sum()
+            # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[rows, t] -= 1.0
+            grad = grad.to(hidden.dtype)
+            grad_h[start : start + chunk_size] = grad @ weight
+            grad_w.addmm_(grad.t().float(), h.float())  # fp32 accumulation, also for bf16 weights
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of ``labels`` given last hidden states.
+
+    Args:
+        hidden: ``[batch, seq, hidden]`` final hidden states (after the last norm).
+        weight: ``[vocab, hidden]`` LM-head weight.
+        labels: ``[batch, seq]`` with -100 where nothing is supervised (not yet shifted).
+        chunk_size: supervised tokens per LM-head chunk; peak extra memory ~ ``chunk_size × vocab × 4`` bytes.
+
+    Returns:
+        ``(loss_sum, num_supervised, num_correct)``: fp32 summed loss, supervised-token count, and
+        how many of them the argmax predicts.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]
+    t = targets[keep]
+    count = keep.sum()
+    if t.numel() == 0:
+        zero = hidden.sum() * 0.0  # keeps the graph connected for DDP
+        return zero.float(), count, count
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        loss, correct = _ChunkedLinearCE.apply(h, weight, t, chunk_size)
+        return loss, count, correct
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    for start in range(0, t.numel(), chunk_size):
+        logits = _chunk_logits(h[start : start + chunk_size], weight)
+        tc = t[start : start + chunk_size]
+        loss += torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
+        correct += (logits.argmax(-1) == tc).sum()
+    return loss, count, correct

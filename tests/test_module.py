@@ -1,0 +1,98 @@
+"""The LightningModule under a real Trainer: token-mean loss across accumulation, LR schedule."""
+
+import lightning as L
+import pytest
+import torch
+
+from medsft_lightning.data import MedicalDataModule
+from medsft_lightning.loss import chunked_cross_entropy
+from medsft_lightning.module import MedSFTModule, warmup_cosine
+from tests.conftest import make_rows, write_jsonl
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.grads, self.losses = None, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def one_step(tmp_path, tiny_dir, batch_size: int, accumulate: int) -> Recorder:
+    # Answers of very different lengths, so micro-batches hold different token counts.
+    rows = [r for n in (1, 30, 4, 12, 2, 20, 7, 3) for r in make_rows(1, answer_words=n)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", rows[:2])
+    dm = MedicalDataModule(dataset=str(train), val_dataset=str(val), tokenizer=str(tiny_dir),
+                           batch_size=batch_size, max_length=256, cache_dir=str(tmp_path / "cache"))
+    model = MedSFTModule(str(tiny_dir), learning_rate=1e-3, gradient_checkpointing=False)
+    rec = Recorder()
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=1, accumulate_grad_batches=accumulate,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[rec],
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    L.seed_everything(0)
+    trainer.fit(model, dm)
+    return rec
+
+
+def test_batch_4_equals_batch_1_times_accumulate_4(tmp_path, tiny_dir):
+    whole = one_step(tmp_path / "a", tiny_dir, batch_size=4, accumulate=1)
+    split = one_step(tmp_path / "b", tiny_dir, batch_size=1, accumulate=4)
+    assert len(split.losses) == 4
+    # Lightning reports each micro-batch's loss divided by the accumulation count: they add up to the
+    # step's token-mean loss.
+    assert sum(split.losses) == pytest.approx(whole.losses[0], abs=1e-5)
+    assert whole.grads.keys() == split.grads.keys()
+    for name, grad in whole.grads.items():
+        assert (grad - split.grads[name]).abs().max() < 1e-5, name
+    # Sanity: the unequal micro-batches really differ (a plain per-batch mean would not match).
+    assert max(split.losses) - min(split.losses) > 0.5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_chunked_cross_entropy_equals_plain_cross_entropy(tiny_dir, chunk_size):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 150000, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, 9:] = -100
+
+    def grads_of(loss_fn):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        loss, n, correct = loss_fn(model)
+        loss.backward()
+        return loss.detach(), n, correct, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    def plain(model):  # the full-logits reference: shift, fp32, ignore -100
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        t = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1), reduction="sum")
+        return loss, (t != -100).sum(), ((logits.argmax(-1) == t) & (t != -100)).sum()
+
+    def chunked(model):
+        hidden = model.model(input_ids=ids).last_hidden_state
+        return chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size)
+
+    ref, got = grads_of(plain), grads_of(chunked)
+    assert got[1] == ref[1] == 15
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
+    assert got[2] == ref[2]
+    for name, grad in ref[3].items():
+        # fp32 sums in another order (through two layers): equal to 5e-5 of the gradient's scale
+        assert (got[3][name] - grad).abs().max() <= 5e-5 * grad.abs().max(), name
+    with torch.no_grad():  # the no-grad path (validation) gives the same numbers
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        loss, n, correct = chunked(model)
+        assert loss.item() == pytest.approx(ref[0].item(), rel=1e-6) and correct == ref[2]
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 100, 10, 0.1) == pytest.approx(1 / 11)
+    assert warmup_cosine(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5)
