@@ -159,7 +159,7 @@ class MedicalDataModule(L.LightningDataModule):
             f"{dropped} dropped with no supervised token left"
         )
         if not kept:
-            raise ValueError(f"data: the {split} split has no trainable row left (max_length={self.hparams.max_length})")
+            raise ValueError(f"data: no trainable {split} row left at data.max_length={self.hparams.max_length}")
         return EncodedDataset(kept)
 
     def _encode_cached(self, rows: list[dict]) -> list[dict | None]:
