@@ -55,6 +55,10 @@ class MedSFTCLI(LightningCLI):
         parser.link_arguments("model.cache_dir", "data.cache_dir")
         # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        parser.add_argument(
+            "--baseline_validation", type=bool, default=True,
+            help="fit: validate once before the first step, so metrics.csv starts from the untrained model",
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -72,8 +76,14 @@ class MedSFTCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._wire_run_folder()
+        cfg = self.config[self.subcommand]
+        if cfg.get("baseline_validation") and not cfg.get("ckpt_path"):
+            self.trainer.validate(self.model, datamodule=self.datamodule)
 
-    before_validate = before_test = before_predict = before_fit
+    def before_validate(self) -> None:
+        self._wire_run_folder()
+
+    before_test = before_predict = before_validate
 
 
 def cli_main(args: list[str] | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -171,7 +170,7 @@ class MedicalDataModule(L.LightningDataModule):
             [{"rows": fingerprint(rows), "tok": self.hparams.tokenizer, "sys": self.hparams.system_prompt,
               "len": self.hparams.max_length, "tmpl": tokenizer.chat_template or "", "v": 1}]
         )
-        cache = Path(self.hparams.cache_dir or Path.home() / ".cache" / "medsft") / "encoded" / key
+        cache = hub.medsft_cache(self.hparams.cache_dir) / "encoded" / key
         if (cache / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(cache))
         else:

@@ -22,6 +22,11 @@ HF_PREFIX = "hf://"
 TOKENIZER_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
+def medsft_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """medsft's own cache (tiny model, encoded rows): ``cache_dir``, else ``MEDSFT_CACHE``, else ~/.cache/medsft."""
+    return Path(cache_dir or os.environ.get("MEDSFT_CACHE") or Path.home() / ".cache" / "medsft")
+
+
 def download_model(model_id: str, revision: str | None, cache_dir: str | None, allow_patterns=None) -> str:
     """Download a ModelScope model snapshot (safe to re-run: cached files are reused)."""
     from modelscope import snapshot_download  # lazy: importing modelscope costs ~2 s

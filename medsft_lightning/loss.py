@@ -24,26 +24,24 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = _chunk_logits(h, weight)
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(t.numel(), device=t.device)
-            loss += (lse - logits[rows, t]).sum()
-            correct += (logits.argmax(-1) == t).sum()
-            # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
-            grad = logits.sub_(lse[:, None]).exp_()
+            logits = _chunk_logits(h, weight)
+            target_logit = logits[rows, t]
+            # Softmax in place over the one [chunk, vocab] buffer: max, subtract, exp, normalise.
+            peak = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            loss += (total.log() + peak).squeeze(1).sub(target_logit).sum()
+            grad = logits.div_(total)  # d(sum CE)/d(logits) = softmax - one_hot, in fp32
             grad[rows, t] -= 1.0
-            grad = grad.to(hidden.dtype)
-            grad_h[start : start + chunk_size] = grad @ weight
-            grad_w.addmm_(grad.t().float(), h.float())  # fp32 accumulation, also for bf16 weights
+            grad_h[start : start + chunk_size] = grad.to(hidden.dtype) @ weight
+            grad_w.addmm_(grad.t(), h.float())  # fp32 accumulation, also for bf16 weights
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_correct):
+    def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
 
@@ -64,7 +62,7 @@ def chunked_cross_entropy(
 
     Returns:
         ``(loss_sum, num_supervised, num_correct)``: fp32 summed loss, supervised-token count, and
-        how many of them the argmax predicts.
+        how many of them the argmax predicts (-1 when gradients are computed: not measured then).
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -75,8 +73,8 @@ def chunked_cross_entropy(
         zero = hidden.sum() * 0.0  # keeps the graph connected for DDP
         return zero.float(), count, count
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        loss, correct = _ChunkedLinearCE.apply(h, weight, t, chunk_size)
-        return loss, count, correct
+        # Training: no accuracy (an argmax over every chunk would cost ~10% of the step).
+        return _ChunkedLinearCE.apply(h, weight, t, chunk_size), count, torch.full_like(count, -1)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     correct = torch.zeros((), dtype=torch.long, device=h.device)
     for start in range(0, t.numel(), chunk_size):

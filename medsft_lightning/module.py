@@ -103,15 +103,26 @@ class MedSFTModule(L.LightningModule):
             loss = loss_sum / window * self.trainer.accumulate_grad_batches * self.trainer.world_size
         else:
             loss = loss_sum / n_tokens.clamp(min=1)
-        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         self.log("train_loss", loss_sum.detach() / n_tokens.clamp(min=1), prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
-        if elapsed > 0:
-            self.log("train_supervised_tokens_per_s", n_tokens.float() / elapsed)
-            self.log("train_tokens_per_s", batch["attention_mask"].sum().float() / elapsed)
+        self._batch_tokens = (n_tokens.detach(), batch["attention_mask"].sum())
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # After backward and (on the last micro-batch) the optimizer step: the whole step's time.
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        if elapsed > 0:
+            supervised, total = self._batch_tokens
+            self.log("train_supervised_tokens_per_s", supervised.float() / elapsed)
+            self.log("train_tokens_per_s", total.float() / elapsed)
+
     # -- validation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        # Re-create the metric states under this loop's grad mode (a validate() before fit() runs
+        # under inference_mode; its inference tensors could not be updated later otherwise).
+        self.val_loss.reset()
+        self.val_acc.reset()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_tokens, correct = self(batch)
         if n_tokens > 0:  # weighted means = exact token means over the whole split
@@ -122,11 +133,9 @@ class MedSFTModule(L.LightningModule):
         loss = self.val_loss.compute()
         self.log_dict({"val_loss": loss, "val_ppl": torch.exp(loss), "val_token_acc": self.val_acc.compute()},
                       prog_bar=True, sync_dist=False)
-        self.val_loss.reset()
-        self.val_acc.reset()
 
     test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
+    on_test_epoch_start, on_test_epoch_end = on_validation_epoch_start, on_validation_epoch_end
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -177,8 +177,9 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
 
 def ensure_tiny_qwen3(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the cached tiny Qwen3 folder, building it on first use."""
-    root = Path(cache_dir or os.environ.get("MEDSFT_CACHE", Path.home() / ".cache" / "medsft"))
-    out = root / "tiny-qwen3-v1"
+    from medsft_lightning.hub import medsft_cache
+
+    out = medsft_cache(cache_dir) / "tiny-qwen3-v1"
     if not (out / "config.json").is_file():
         write_tiny_qwen3(out)
     return out

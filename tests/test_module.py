@@ -81,7 +81,7 @@ def test_chunked_cross_entropy_equals_plain_cross_entropy(tiny_dir, chunk_size):
     ref, got = grads_of(plain), grads_of(chunked)
     assert got[1] == ref[1] == 15
     assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
-    assert got[2] == ref[2]
+    assert got[2] == -1  # accuracy is not measured on the gradient path
     for name, grad in ref[3].items():
         # fp32 sums in another order (through two layers): equal to 5e-5 of the gradient's scale
         assert (got[3][name] - grad).abs().max() <= 5e-5 * grad.abs().max(), name

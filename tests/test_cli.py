@@ -1,0 +1,95 @@
+"""The real ``medsft`` console script in subprocesses: fit → run folder → validate; errors; secrets."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_rows, offline_env, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+FAKE_KEY = "sk-medsft-test-0123456789abcdef"
+
+
+def medsft(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from medsft_lightning.cli import cli_main; cli_main()", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, cache_root):
+    """One short demo-config fit on 24 rows, SwanLab offline with a fake API key in the environment."""
+    work = tmp_path_factory.mktemp("cli")
+    data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
+    env = offline_env(cache_root, SWANLAB_MODE="offline", SWANLAB_API_KEY=FAKE_KEY)
+    proc = medsft(["fit", "--config", DEMO, "--data.dataset", str(data), "--trainer.max_epochs", "2",
+                   "--data.max_length", "128"], cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, env, proc
+
+
+def test_fit_leaves_a_complete_run_folder(fitted):
+    work, _, _ = fitted
+    run = work / "runs" / "demo" / "version_0"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["model_name_or_path"] == "medsft:tiny-qwen3"
+    assert cfg["data"]["max_length"] == 128
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    assert len(val) == 5  # the untrained baseline at step 0, then two validations per epoch
+    assert val[0][0] == 0 and val[-1][1] < val[0][1]
+    assert {"train_loss", "lr", "train_supervised_tokens_per_s", "val_ppl", "val_token_acc"} <= set(rows[0])
+    assert any((run / "swanlog").iterdir())  # SwanLab's offline files live in the run folder
+
+
+def test_validate_from_checkpoint(fitted):
+    work, env, _ = fitted
+    run = work / "runs" / "demo" / "version_0"
+    data = work / "rows.jsonl"
+    proc = medsft(["validate", "--config", DEMO, "--data.dataset", str(data), "--data.max_length", "128",
+                   "--ckpt_path", str(run / "checkpoints" / "best.ckpt")], cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_loss" in proc.stdout + proc.stderr
+
+
+def test_api_key_never_lands_in_run_files(fitted):
+    work, _, proc = fitted
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    files = [p for p in (work / "runs").rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_config_errors_are_listed_without_traceback(tmp_path, cache_root):
+    proc = medsft(["fit", "--config", DEMO, "--data.max_length", "4", "--data.val_fraction", "2"],
+                  cwd=tmp_path, env=offline_env(cache_root))
+    assert proc.returncode != 0
+    assert "--data.max_length=4" in proc.stderr and "--data.val_fraction=2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path, cache_root):
+    rows = make_rows(12)
+    rows[4]["answer"] = 7
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    proc = medsft(["fit", "--config", DEMO, "--data.dataset", str(data)], cwd=tmp_path, env=offline_env(cache_root))
+    assert proc.returncode != 0
+    assert f"{data}:5: answer: expected a string, got int" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses(config, tmp_path, cache_root):
+    proc = medsft(["fit", "--config", str(REPO / "configs" / config), "--print_config"], cwd=tmp_path,
+                  env=offline_env(cache_root), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["model_name_or_path"]
