@@ -7,14 +7,17 @@ import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
+from medsft_lightning.callbacks import SampleGenerations
 from medsft_lightning.data import MedicalDataModule
 from medsft_lightning.encoding import TemplateError
 from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
+from medsft_lightning.predict import AnswerWriter
 from medsft_lightning.sources import DataError
 
-EXTRA_COMMANDS = {"tiny": "medsft_lightning.tiny"}
+EXTRA_COMMANDS = {"tiny": "medsft_lightning.tiny", "export": "medsft_lightning.export"}
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,12 @@ class MedSFTCLI(LightningCLI):
         parser.link_arguments("model.cache_dir", "data.cache_dir")
         # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        parser.add_lightning_class_args(SampleGenerations, "samples")
+        parser.add_lightning_class_args(AnswerWriter, "predict_writer")
+        parser.add_argument(
+            "--export", type=bool, default=True,
+            help="fit: at the end, save the best checkpoint's weights as a Hugging Face folder <run>/hf_model",
+        )
         parser.add_argument(
             "--baseline_validation", type=bool, default=True,
             help="fit: validate once before the first step, so metrics.csv starts from the untrained model",
@@ -79,6 +88,17 @@ class MedSFTCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         if cfg.get("baseline_validation") and not cfg.get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule)
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("export") or not self.trainer.is_global_zero:
+            return
+        from medsft_lightning.export import load_checkpoint_weights, save_hf
+
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        if best:
+            load_checkpoint_weights(self.model, best)
+        out = save_hf(self.model.model, self.datamodule.load_tokenizer(), f"{self.trainer.log_dir}/hf_model")
+        rank_zero_info(f"[export] {'best' if best else 'final'} weights → {out}")
 
     def before_validate(self) -> None:
         self._wire_run_folder()

@@ -63,6 +63,8 @@ class MedicalDataModule(L.LightningDataModule):
             and skips them.
         num_workers: DataLoader worker processes (0 = in the main process).
         cache_dir: where downloads and the encoded-row cache go (default: ModelScope's cache).
+        predict_dataset: ``medsft predict`` input: a .jsonl/.json file of rows with ``question`` (optional
+            ``id``, optional ``system``); ``None`` answers the validation split.
     """
 
     def __init__(
@@ -81,12 +83,16 @@ class MedicalDataModule(L.LightningDataModule):
         on_bad_rows: Literal["error", "skip"] = "error",
         num_workers: int = 0,
         cache_dir: str | None = None,
+        predict_dataset: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer_obj = None
         self.train_set: EncodedDataset | None = None
         self.val_set: EncodedDataset | None = None
+        self.val_rows: Rows | None = None
+        self.predict_rows: list[dict] = []
+        self.predict_skip_ids: set = set()  # ids already answered (set by the prediction writer)
         self.stats: dict[str, int | str] = {}
 
     # -- preparation (rank 0 of each node): downloads only ---------------------------------------
@@ -128,11 +134,23 @@ class MedicalDataModule(L.LightningDataModule):
         return pick(train_idx), pick(val_idx)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self.predict_rows = self._question_rows()
+            return
         if self.train_set is not None:
             return
-        train, val = self.split_rows()
+        train, self.val_rows = self.split_rows()
         self.train_set = self._encode(train, "train")
-        self.val_set = self._encode(val, "val")
+        self.val_set = self._encode(self.val_rows, "val")
+
+    def _question_rows(self) -> list[dict]:
+        """Rows to answer, in input order, each with a unique ``id`` (default: its 0-based position)."""
+        from medsft_lightning.predict import read_questions
+
+        if self.hparams.predict_dataset:
+            return read_questions(self.hparams.predict_dataset)
+        _, val = self.split_rows()
+        return [{"id": i, "question": r["question"]} for i, r in enumerate(val.rows)]
 
     def _encode(self, rows: Rows, split: str) -> EncodedDataset:
         encoded = self._encode_cached(rows.rows)
@@ -198,6 +216,15 @@ class MedicalDataModule(L.LightningDataModule):
         )
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate,
                           num_workers=self.hparams.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Rows not answered yet, in batches of similar prompt length (less left padding)."""
+        from medsft_lightning.generate import build_prompts
+
+        todo = [r for r in self.predict_rows if r["id"] not in self.predict_skip_ids]
+        prompts = build_prompts(todo, self.load_tokenizer(), self.hparams.system_prompt) if todo else []
+        items = sorted(({**r, "prompt_ids": p} for r, p in zip(todo, prompts)), key=lambda r: len(r["prompt_ids"]))
+        return DataLoader(items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,

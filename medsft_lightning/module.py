@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from medsft_lightning import hub
+from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.loss import chunked_cross_entropy
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
@@ -41,6 +42,7 @@ class MedSFTModule(L.LightningModule):
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (if installed).
         loss_chunk_size: supervised tokens per LM-head chunk of the loss; the full
             ``[tokens, vocab]`` logits are never built (peak extra memory ~ chunk × vocab × 4 bytes).
+        generation: decoding settings of ``medsft predict``.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class MedSFTModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         attn_implementation: str = "sdpa",
         loss_chunk_size: int = 1024,
+        generation: Generation | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -63,6 +66,7 @@ class MedSFTModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self._step_started: float | None = None
+        self.generation = generation or Generation()
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -136,6 +140,20 @@ class MedSFTModule(L.LightningModule):
 
     test_step = validation_step
     on_test_epoch_start, on_test_epoch_end = on_validation_epoch_start, on_validation_epoch_end
+
+    # -- prediction ----------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        self.model.eval()
+        self.model.config.use_cache = True
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            self.model.gradient_checkpointing_disable()
+        torch.manual_seed(self.generation.seed)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Answer a batch of question rows (with ``prompt_ids``); one dict per row."""
+        tokenizer = self.trainer.datamodule.load_tokenizer()
+        outputs = generate_batch(self.model, tokenizer, [r["prompt_ids"] for r in batch], self.generation)
+        return [{"id": r["id"], "question": r["question"], **o} for r, o in zip(batch, outputs)]
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,33 @@ def test_every_config_parses(config, tmp_path, cache_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = yaml.safe_load(proc.stdout)
     assert printed["model"]["model_name_or_path"]
+
+
+def test_fit_exports_a_plain_transformers_model_and_samples(fitted):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work, _, _ = fitted
+    run = work / "runs" / "demo" / "version_0"
+    rounds = {json.loads(line)["round"] for line in (run / "samples.jsonl").open(encoding="utf-8")}
+    assert rounds == {0, 1, 2, 3, 4}  # baseline + 4 validations
+    model = AutoModelForCausalLM.from_pretrained(run / "hf_model")
+    tok = AutoTokenizer.from_pretrained(run / "hf_model")
+    assert model.generation_config.eos_token_id == [151645, 151643]
+    ids = tok.apply_chat_template([{"role": "user", "content": "头痛怎么办？"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # The export holds the best checkpoint's weights.
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(best["model.model.norm.weight"], model.model.norm.weight)
+
+
+def test_export_command(fitted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    work, env, _ = fitted
+    ckpt = work / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    proc = medsft(["export", str(ckpt), str(tmp_path / "out")], cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "qwen3"

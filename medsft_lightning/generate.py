@@ -1,0 +1,83 @@
+"""Batched generation with left padding, shared by the sample callback and ``medsft predict``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medsft_lightning.formatting import prompt_messages, split_think_answer
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class Generation:
+    """Decoding settings.
+
+    Args:
+        max_new_tokens: most tokens generated per answer (think block included).
+        do_sample: sample instead of greedy decoding (greedy is comparable across steps).
+        temperature: sampling temperature (Qwen3's recommendation for thinking mode: 0.6).
+        top_p: nucleus sampling mass (Qwen3: 0.95).
+        top_k: top-k sampling (Qwen3: 20).
+        seed: sampling seed, so repeated runs give the same answers.
+    """
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    seed: int = 0
+
+
+def build_prompts(rows: Sequence[Mapping], tokenizer, system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each row's prompt: the chat template with the assistant turn opened."""
+    texts = tokenizer.apply_chat_template(
+        [prompt_messages(r, r.get("system", system_prompt)) for r in rows], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with prompts aligned to the right, as generation needs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings: Generation) -> list[dict]:
+    """Generate for a batch of prompt ids; one dict per prompt, in the given order.
+
+    Each dict: ``raw`` (decoded text, special tokens dropped), ``think``, ``answer``, ``well_formed``,
+    ``finish_reason`` (``stop`` on ``<|im_end|>``/``<|endoftext|>``, else ``length``),
+    ``num_generated_tokens`` (stop token included).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, use_cache=True,
+                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    else:  # neutralise sampling defaults from the model's generation_config
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
+    results = []
+    for tokens in out:
+        stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        kept = tokens if stop_at is None else tokens[: stop_at + 1]
+        raw = tokenizer.decode(kept, skip_special_tokens=True)
+        think, answer, well_formed = split_think_answer(raw)
+        results.append({
+            "think": think, "answer": answer, "raw": raw, "well_formed": well_formed,
+            "finish_reason": "length" if stop_at is None else "stop", "num_generated_tokens": len(kept),
+        })
+    return results

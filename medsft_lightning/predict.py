@@ -1,0 +1,109 @@
+"""``medsft predict``: reading questions and writing answers so that a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from medsft_lightning.sources import DataError, _records
+
+logger = logging.getLogger(__name__)
+OUTPUT_FIELDS = ("id", "question", "think", "answer", "raw", "finish_reason", "num_generated_tokens")
+
+
+def read_questions(path: str | os.PathLike) -> list[dict]:
+    """Rows with a non-empty ``question`` (optional ``id``, ``system``), checked with file:line errors."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.predict_dataset={str(path)!r}: no such file")
+    rows, problems, seen = [], [], set()
+    for position, (line, obj) in enumerate(_records(file)):
+        where = f"{file}:{line}"
+        if isinstance(obj, str):
+            problems.append(f"{where}: {obj}")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            problems.append(f"{where}: question: missing, empty or not a string")
+            continue
+        row_id = obj.get("id", position)
+        if row_id in seen:
+            problems.append(f"{where}: id: {row_id!r} appears twice")
+            continue
+        seen.add(row_id)
+        row = {"id": row_id, "question": obj["question"]}
+        if isinstance(obj.get("system"), str):
+            row["system"] = obj["system"]
+        rows.append(row)
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in {file}:\n  " + "\n  ".join(problems[:20]))
+    return rows
+
+
+def read_answers(path: Path) -> list[dict]:
+    """Complete answer lines of ``path``; a torn last line (killed mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    good_end, answers = 0, []
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            answers.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if good_end < len(data):
+        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(data) - good_end)
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+    return answers
+
+
+class AnswerWriter(BasePredictionWriter):
+    """Appends each batch's answers to ``output_path`` as soon as it is generated; at the end, rewrites
+    the file in input order. Rerunning with the same path answers only the rows not written yet.
+
+    Args:
+        output_path: the JSON-lines file of answers.
+    """
+
+    def __init__(self, output_path: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        done = {a["id"] for a in read_answers(Path(self.output_path))}
+        trainer.datamodule.predict_skip_ids = done
+        if done:
+            logger.info("[predict] %s already holds %d answer(s): answering only the rest", self.output_path, len(done))
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not trainer.is_global_zero:
+            return
+        path = Path(self.output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps({k: p[k] for k in OUTPUT_FIELDS}, ensure_ascii=False) + "\n" for p in prediction)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(self.output_path)
+        order = {row["id"]: i for i, row in enumerate(trainer.datamodule.predict_rows)}
+        answers = {a["id"]: a for a in read_answers(path)}
+        ordered = sorted(answers.values(), key=lambda a: order.get(a["id"], len(order)))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in ordered), encoding="utf-8")
+        os.replace(tmp, path)
+        logger.info("[predict] wrote %d answer(s) to %s", len(ordered), path)
