@@ -35,8 +35,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
             loss += (total.log() + peak).squeeze(1).sub(target_logit).sum()
             grad = logits.div_(total)  # d(sum CE)/d(logits) = softmax - one_hot, in fp32
             grad[rows, t] -= 1.0
-            grad_h[start : start + chunk_size] = grad.to(hidden.dtype) @ weight
-            grad_w.addmm_(grad.t(), h.float())  # fp32 accumulation, also for bf16 weights
+            grad_lp = grad.to(weight.dtype)
+            grad_h[start : start + chunk_size] = grad_lp @ weight
+            if weight.dtype == torch.float32:
+                grad_w.addmm_(grad_lp.t(), h)
+            else:  # bf16 tensor-core GEMM (fp32 accumulation inside), chunks summed in fp32
+                grad_w += (grad_lp.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 

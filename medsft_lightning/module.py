@@ -43,6 +43,7 @@ class MedSFTModule(L.LightningModule):
         loss_chunk_size: supervised tokens per LM-head chunk of the loss; the full
             ``[tokens, vocab]`` logits are never built (peak extra memory ~ chunk × vocab × 4 bytes).
         generation: decoding settings of ``medsft predict``.
+        fused_adamw: use PyTorch's fused AdamW kernel (CUDA only; ``None``: on when training on CUDA).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class MedSFTModule(L.LightningModule):
         attn_implementation: str = "sdpa",
         loss_chunk_size: int = 1024,
         generation: Generation | None = None,
+        fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,6 +167,7 @@ class MedSFTModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate, betas=tuple(hp.betas),
+            fused=hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda",
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_ratio * total)

@@ -124,3 +124,15 @@ def test_export_command(fitted, tmp_path):
     proc = medsft(["export", str(ckpt), str(tmp_path / "out")], cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "qwen3"
+
+
+def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
+    work, env, _ = fitted
+    ckpt = work / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt"
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": "发热怎么办？"}, {"id": "b", "question": "Cough?"}])
+    out = tmp_path / "answers.jsonl"
+    proc = medsft(["predict", "--config", DEMO, "--ckpt_path", str(ckpt), "--data.predict_dataset", str(questions),
+                   "--predict_writer.output_path", str(out), "--model.generation.max_new_tokens", "4",
+                   "--trainer.logger", "false"], cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()] == [0, "b"]

@@ -91,6 +91,32 @@ def test_chunked_cross_entropy_equals_plain_cross_entropy(tiny_dir, chunk_size):
         assert loss.item() == pytest.approx(ref[0].item(), rel=1e-6) and correct == ref[2]
 
 
+def test_chunked_cross_entropy_in_bf16_matches_plain_bf16(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 150000, (2, 16))
+    labels = ids.clone()
+    labels[:, :4] = -100
+
+    def run(chunked: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+        if chunked:
+            loss, _, _ = chunked_cross_entropy(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight,
+                                               labels, 7)
+        else:
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                     reduction="sum")
+        loss.backward()
+        return loss.item(), {k: p.grad.float() for k, p in model.named_parameters()}
+
+    (ref_loss, ref), (loss, got) = run(False), run(True)
+    assert loss == pytest.approx(ref_loss, rel=1e-3)
+    for name, grad in ref.items():  # bf16 resolution is 2^-8 of the scale
+        assert (got[name] - grad).abs().max() <= 2e-2 * grad.abs().max(), name
+
+
 def test_warmup_then_cosine():
     assert warmup_cosine(0, 100, 10, 0.1) == pytest.approx(1 / 11)
     assert warmup_cosine(10, 100, 10, 0.1) == pytest.approx(1.0)
