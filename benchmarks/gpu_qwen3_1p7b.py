@@ -80,6 +80,20 @@ class Timer:
         return sum(timed) / max(1, len(timed))
 
 
+def measure_peak(train) -> int:
+    """Run ``train()`` and return the peak GPU memory it allocated (0 on CPU).
+
+    Garbage from an earlier run (Lightning holds reference cycles) is collected first, so it is not counted.
+    """
+    gpu = torch.cuda.is_available()
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    train()
+    return torch.cuda.max_memory_allocated() if gpu else 0
+
+
 def run_medsft(model_dir: Path, rows, batch: int, accumulate: int, steps: int, ckpt: bool, chunk: int) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
@@ -109,14 +123,7 @@ def run_medsft(model_dir: Path, rows, batch: int, accumulate: int, steps: int, c
                         max_steps=steps, accumulate_grad_batches=accumulate, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[StepTimer()], use_distributed_sampler=False)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=loader)
-    peak = torch.cuda.max_memory_allocated() if gpu else 0
-    del trainer, module
-    gc.collect()
-    if gpu:
-        torch.cuda.empty_cache()
+    peak = measure_peak(lambda: trainer.fit(module, train_dataloaders=loader))
     return {"s_per_step": timer.per_step(), "peak_bytes": peak,
             "supervised_tokens_per_step": sum(r["num_supervised"] for r in rows[: batch * accumulate])}
 
@@ -152,14 +159,7 @@ def run_seed(model_dir: Path, rows, steps: int) -> dict:
                              use_cpu=not gpu)
     collator = DataCollatorForSeq2Seq(Tok(), padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[StepTimer()])
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() if gpu else 0
-    del trainer, model
-    gc.collect()
-    if gpu:
-        torch.cuda.empty_cache()
+    peak = measure_peak(trainer.train)
     return {"s_per_step": timer.per_step(), "peak_bytes": peak,
             "supervised_tokens_per_step": sum(r["num_supervised"] for r in rows[:4])}
 
