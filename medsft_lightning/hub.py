@@ -41,10 +41,6 @@ def download_dataset(dataset_id: str, revision: str | None, cache_dir: str | Non
     return dataset_snapshot_download(dataset_id, revision=revision, cache_dir=cache_dir)
 
 
-def is_remote_model(name_or_path: str) -> bool:
-    return name_or_path != TINY_MODEL and not Path(name_or_path).expanduser().exists()
-
-
 def resolve_model(
     name_or_path: str,
     revision: str | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from medsft_lightning.sources import DataError, _records
+from medsft_lightning.sources import DataError, read_records
 
 logger = logging.getLogger(__name__)
 OUTPUT_FIELDS = ("id", "question", "think", "answer", "raw", "finish_reason", "num_generated_tokens")
@@ -22,7 +22,7 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     if not file.is_file():
         raise FileNotFoundError(f"data.predict_dataset={str(path)!r}: no such file")
     rows, problems, seen = [], [], set()
-    for position, (line, obj) in enumerate(_records(file)):
+    for position, (line, obj) in enumerate(read_records(file)):
         where = f"{file}:{line}"
         if isinstance(obj, str):
             problems.append(f"{where}: {obj}")

@@ -66,7 +66,7 @@ def _check_row(obj: object) -> list[str]:
     return problems
 
 
-def _records(file: Path) -> list[tuple[int, object | str]]:
+def read_records(file: Path) -> list[tuple[int, object | str]]:
     """``(line, parsed object)`` per record, or ``(line, "invalid JSON: …")`` strings for bad lines."""
     raw = file.read_bytes()
     try:
@@ -93,7 +93,7 @@ def read_rows(files: Sequence[Path], skip_bad: bool = False) -> Rows:
     """Read and check every row of ``files``; bad rows become problems (or counted skips)."""
     out = Rows()
     for file in files:
-        for number, obj in _records(file):
+        for number, obj in read_records(file):
             where = f"{file}:{number}" if number else f"{file}[{len(out.where)}]"
             problems = [obj] if isinstance(obj, str) else _check_row(obj)
             if problems:
