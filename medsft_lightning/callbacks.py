@@ -98,7 +98,7 @@ class SampleGenerations(L.Callback):
         metrics = {"sample/think_format_rate": rate, "sample/answer_chars": chars}
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)
-            if hasattr(lg, "log_text") and type(lg).__name__ != "CSVLogger":
+            if hasattr(lg, "log_text"):  # SwanLab (CSVLogger has no text)
                 texts = [f"Q: {r['question']}\n\n<think>\n{r['think']}\n</think>\n\nA: {r['answer']}\n\n"
                          f"Reference: {r['reference']}" for r in results]
                 lg.log_text("samples", texts, step=step, caption=[f"step {step} #{i}" for i in range(len(texts))])

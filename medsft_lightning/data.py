@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from functools import partial
 from typing import Literal
 
@@ -153,7 +155,8 @@ class MedicalDataModule(L.LightningDataModule):
         return [{"id": i, "question": r["question"]} for i, r in enumerate(val.rows)]
 
     def _encode(self, rows: Rows, split: str) -> EncodedDataset:
-        encoded = self._encode_cached(rows.rows)
+        content = fingerprint(rows.rows)
+        encoded = self._encode_cached(rows.rows, content)
         kept = []
         for row_id, enc in enumerate(encoded):
             if enc is not None:
@@ -167,7 +170,7 @@ class MedicalDataModule(L.LightningDataModule):
                 f"{split}_dropped": dropped,
                 f"{split}_truncated": truncated,
                 f"{split}_supervised_tokens": tokens,
-                f"{split}_fingerprint": fingerprint(rows.rows),
+                f"{split}_fingerprint": content,
             }
         )
         rank_zero_info(
@@ -179,14 +182,14 @@ class MedicalDataModule(L.LightningDataModule):
             raise ValueError(f"data: no trainable {split} row left at data.max_length={self.hparams.max_length}")
         return EncodedDataset(kept)
 
-    def _encode_cached(self, rows: list[dict]) -> list[dict | None]:
+    def _encode_cached(self, rows: list[dict], content: str) -> list[dict | None]:
         """Encode with a batched ``datasets.map``; results are cached on disk by content hash."""
         import datasets
 
         tokenizer = self.load_tokenizer()
         key = fingerprint(
-            [{"rows": fingerprint(rows), "tok": self.hparams.tokenizer, "sys": self.hparams.system_prompt,
-              "len": self.hparams.max_length, "tmpl": tokenizer.chat_template or "", "v": 1}]
+            [{"rows": content, "tok": self.hparams.tokenizer, "vocab": len(tokenizer), "len": self.hparams.max_length,
+              "sys": self.hparams.system_prompt, "tmpl": tokenizer.chat_template or "", "v": 1}]
         )
         cache = hub.medsft_cache(self.hparams.cache_dir) / "encoded" / key
         if (cache / "dataset_info.json").is_file():
@@ -197,7 +200,12 @@ class MedicalDataModule(L.LightningDataModule):
             # new_fingerprint: our own content key, so datasets does not pickle the tokenizer to hash it.
             ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, new_fingerprint=key,
                                                       remove_columns=["question", "think", "answer"])
-            ds.save_to_disk(str(cache))
+            tmp = cache.with_name(f"{key}.tmp-{os.getpid()}")  # ranks may race: write aside, then rename
+            ds.save_to_disk(str(tmp))
+            try:
+                tmp.rename(cache)
+            except OSError:  # another process got there first; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
         return [None if not r["keep"] else r for r in ds]
 
     # -- loaders ------------------------------------------------------------------------------

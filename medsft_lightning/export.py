@@ -34,7 +34,7 @@ def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
 def load_checkpoint_weights(module, ckpt_path: str | Path) -> None:
     """Load a Lightning checkpoint's weights (no optimizer state) into a configured module."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state, strict=False)
+    module.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:

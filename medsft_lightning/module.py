@@ -137,8 +137,9 @@ class MedSFTModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"val_loss": loss, "val_ppl": torch.exp(loss), "val_token_acc": self.val_acc.compute()},
-                      prog_bar=True, sync_dist=False)
+        stage = "test" if self._trainer is not None and self.trainer.testing else "val"
+        metrics = {"loss": loss, "ppl": torch.exp(loss), "token_acc": self.val_acc.compute()}
+        self.log_dict({f"{stage}_{name}": value for name, value in metrics.items()}, prog_bar=True)
 
     test_step = validation_step
     on_test_epoch_start, on_test_epoch_end = on_validation_epoch_start, on_validation_epoch_end

@@ -50,14 +50,19 @@ def test_fit_leaves_a_complete_run_folder(fitted):
     assert any((run / "swanlog").iterdir())  # SwanLab's offline files live in the run folder
 
 
-def test_validate_from_checkpoint(fitted):
+def test_validate_from_checkpoint_reproduces_the_best_val_loss(fitted):
+    import re
+
     work, env, _ = fitted
     run = work / "runs" / "demo" / "version_0"
     data = work / "rows.jsonl"
     proc = medsft(["validate", "--config", DEMO, "--data.dataset", str(data), "--data.max_length", "128",
                    "--ckpt_path", str(run / "checkpoints" / "best.ckpt")], cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "val_loss" in proc.stdout + proc.stderr
+    printed = re.search(r"val_loss\W+([0-9.]+)", proc.stdout + proc.stderr)
+    assert printed, (proc.stdout + proc.stderr)[-2000:]
+    best = min(float(r["val_loss"]) for r in csv.DictReader((run / "metrics.csv").open()) if r["val_loss"])
+    assert float(printed.group(1)) == pytest.approx(best, abs=1e-4)
 
 
 def test_api_key_never_lands_in_run_files(fitted):
