@@ -17,7 +17,11 @@ from medsft_lightning.module import MedSFTModule
 from medsft_lightning.predict import AnswerWriter
 from medsft_lightning.sources import DataError
 
-EXTRA_COMMANDS = {"tiny": "medsft_lightning.tiny", "export": "medsft_lightning.export"}
+EXTRA_COMMANDS = {
+    "tiny": "medsft_lightning.tiny",
+    "export": "medsft_lightning.export",
+    "preview": "medsft_lightning.preview",
+}
 
 
 class ConfigError(ValueError):

@@ -13,9 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from medsft_lightning import hub
+from medsft_lightning import checks, hub
 from medsft_lightning.collate import IGNORE_INDEX, pad_collate
-from medsft_lightning.encoding import encode_example, encode_rows
+from medsft_lightning.encoding import encode_example, encode_rows, token_lengths
 from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
 from medsft_lightning.sources import Rows, data_files, fingerprint, read_rows, split_indices
@@ -63,6 +63,13 @@ class MedicalDataModule(L.LightningDataModule):
         shuffle_seed: seed of the per-epoch shuffling of training rows.
         on_bad_rows: ``error`` stops on the first read with every bad row listed; ``skip`` counts
             and skips them.
+        empty_think: rows whose ``think`` is empty or blank: ``keep`` (counted), ``drop`` (counted and
+            removed) or ``error`` (a bad row, see ``on_bad_rows``).
+        duplicates: rows asking a question (same text after strip) that an earlier row of the same source,
+            or a training row for a validation row, asks: ``keep`` (counted), ``drop`` (the first is kept)
+            or ``error`` (a bad row).
+        too_long: rows longer than ``max_length`` tokens: ``truncate`` (the end of the answer is cut),
+            ``drop`` or ``error`` (a bad row, listed as ``file:line: N tokens > max_length M``).
         num_workers: DataLoader worker processes (0 = in the main process).
         cache_dir: where downloads and the encoded-row cache go (default: ModelScope's cache).
         predict_dataset: ``medsft predict`` input: a .jsonl/.json file of rows with ``question`` (optional
@@ -83,6 +90,9 @@ class MedicalDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         shuffle_seed: int = 42,
         on_bad_rows: Literal["error", "skip"] = "error",
+        empty_think: Literal["keep", "drop", "error"] = "keep",
+        duplicates: Literal["keep", "drop", "error"] = "keep",
+        too_long: Literal["truncate", "drop", "error"] = "truncate",
         num_workers: int = 0,
         cache_dir: str | None = None,
         predict_dataset: str | None = None,
@@ -93,6 +103,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.train_set: EncodedDataset | None = None
         self.val_set: EncodedDataset | None = None
         self.val_rows: Rows | None = None
+        self.train_rows: Rows | None = None
         self.predict_rows: list[dict] = []
         self.predict_skip_ids: set = set()  # ids already answered (set by the prediction writer)
         self.stats: dict[str, int | str] = {}
@@ -114,26 +125,40 @@ class MedicalDataModule(L.LightningDataModule):
         return self.tokenizer_obj
 
     def _read(self, name: str) -> Rows:
+        """One source's rows, read and checked; its problems are collected, not raised."""
         hp = self.hparams
-        path = hub.resolve_dataset(name, hp.dataset_revision, hp.cache_dir)
-        rows = read_rows(data_files(path), skip_bad=hp.on_bad_rows == "skip")
-        rows.raise_if_problems(str(path))
-        if rows.skipped:
-            logger.warning("Skipped %d bad row(s) of %s (data.on_bad_rows=skip)", rows.skipped, path)
+        skip = hp.on_bad_rows == "skip"
+        rows = read_rows(data_files(hub.resolve_dataset(name, hp.dataset_revision, hp.cache_dir)), skip_bad=skip)
+        checks.check_rows(rows, hp.empty_think, hp.duplicates, skip)
+        if hp.too_long == "error":
+            lengths = token_lengths(rows.rows, self.load_tokenizer(), system_prompt=hp.system_prompt)
+            checks.check_lengths(rows, lengths, hp.max_length, skip)
         return rows
 
     def split_rows(self) -> tuple[Rows, Rows]:
-        """Read the sources and return ``(train, val)`` rows."""
+        """Read and check the sources and return ``(train, val)`` rows; one error lists every problem."""
         hp = self.hparams
+        skip = hp.on_bad_rows == "skip"
         rows = self._read(hp.dataset)
-        if hp.val_dataset:
-            return rows, self._read(hp.val_dataset)
+        val = self._read(hp.val_dataset) if hp.val_dataset else None
+        overlap = checks.check_overlap(rows, val, hp.duplicates, skip) if val is not None else 0
+        names = " and ".join(n for n in (hp.dataset, hp.val_dataset) if n)
+        Rows(problems=rows.problems + (val.problems if val is not None else [])).raise_if_problems(names)
+        self.stats.update(dict.fromkeys(checks.COUNT_KEYS, 0))
+        checks.report(rows, hp.dataset, self.stats)
+        if val is not None:
+            checks.report(val, hp.val_dataset, self.stats)
+            self.stats["val_questions_in_train"] = overlap
+            return rows, val
         train_idx, val_idx = split_indices(len(rows.rows), hp.val_fraction, hp.split_seed)
 
         def pick(idx: list[int]) -> Rows:
             return Rows([rows.rows[i] for i in idx], [rows.where[i] for i in idx])
 
-        return pick(train_idx), pick(val_idx)
+        train, val = pick(train_idx), pick(val_idx)
+        # Only kept duplicates can straddle the split (drop/error already left one row per question).
+        self.stats["val_questions_in_train"] = checks.check_overlap(train, val, "keep", skip)
+        return train, val
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -141,9 +166,18 @@ class MedicalDataModule(L.LightningDataModule):
             return
         if self.train_set is not None:
             return
-        train, self.val_rows = self.split_rows()
-        self.train_set = self._encode(train, "train")
+        self.train_rows, self.val_rows = self.split_rows()
+        self.train_set = self._encode(self.train_rows, "train")
         self.val_set = self._encode(self.val_rows, "val")
+        devices = self.trainer.world_size if self.trainer is not None else 1
+        checks.check_one_batch(len(self.train_set), self.hparams.batch_size, devices)
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        """Log the data stats once and record them with the run's hyperparameters (``data_stats``)."""
+        rank_zero_info("[data] stats: " + ", ".join(f"{k}={v}" for k, v in self.stats.items()))
+        for lg in self.trainer.loggers if self.trainer is not None else []:
+            lg.log_hyperparams({"data_stats": dict(self.stats)})
 
     def _question_rows(self) -> list[dict]:
         """Rows to answer, in input order, each with a unique ``id`` (default: its 0-based position)."""
@@ -157,26 +191,29 @@ class MedicalDataModule(L.LightningDataModule):
     def _encode(self, rows: Rows, split: str) -> EncodedDataset:
         content = fingerprint(rows.rows)
         encoded = self._encode_cached(rows.rows, content)
-        kept = []
-        for row_id, enc in enumerate(encoded):
-            if enc is not None:
-                kept.append({**enc, "row_id": row_id})
-        dropped = len(rows.rows) - len(kept)
+        drop_long = self.hparams.too_long == "drop"
+        kept = [{**enc, "row_id": row_id} for row_id, enc in enumerate(encoded)
+                if enc is not None and not (drop_long and enc["truncated"])]
+        dropped = sum(enc is None for enc in encoded)  # the prompt alone fills max_length: nothing to supervise
+        too_long = sum(enc is None or bool(enc["truncated"]) for enc in encoded)
         truncated = sum(bool(r["truncated"]) for r in kept)
         tokens = sum(r["num_supervised"] for r in kept)
         self.stats.update(
             {
                 f"{split}_rows": len(kept),
-                f"{split}_dropped": dropped,
+                f"{split}_too_long": too_long,
                 f"{split}_truncated": truncated,
+                f"{split}_dropped_too_long": len(rows.rows) - len(kept) - dropped,
+                f"{split}_dropped": dropped,
                 f"{split}_supervised_tokens": tokens,
                 f"{split}_fingerprint": content,
             }
         )
         rank_zero_info(
             f"[data] {split}: {len(kept)} rows (fingerprint {self.stats[f'{split}_fingerprint']}), "
-            f"{tokens} supervised tokens, {truncated} truncated to max_length={self.hparams.max_length}, "
-            f"{dropped} dropped with no supervised token left"
+            f"{tokens} supervised tokens, {too_long} longer than max_length={self.hparams.max_length} "
+            f"({truncated} truncated, {self.stats[f'{split}_dropped_too_long']} dropped by data.too_long=drop, "
+            f"{dropped} dropped with no supervised token left)"
         )
         if not kept:
             raise ValueError(f"data: no trainable {split} row left at data.max_length={self.hparams.max_length}")
@@ -189,7 +226,7 @@ class MedicalDataModule(L.LightningDataModule):
         tokenizer = self.load_tokenizer()
         key = fingerprint(
             [{"rows": content, "tok": self.hparams.tokenizer, "vocab": len(tokenizer), "len": self.hparams.max_length,
-              "sys": self.hparams.system_prompt, "tmpl": tokenizer.chat_template or "", "v": 1}]
+              "sys": self.hparams.system_prompt, "tmpl": tokenizer.chat_template or "", "v": 2}]
         )
         cache = hub.medsft_cache(self.hparams.cache_dir) / "encoded" / key
         if (cache / "dataset_info.json").is_file():
@@ -242,7 +279,8 @@ class MedicalDataModule(L.LightningDataModule):
 def _encode_batch(batch: dict[str, list], tokenizer, system_prompt: str, max_length: int) -> dict[str, list]:
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     encoded = encode_rows(rows, tokenizer, system_prompt=system_prompt, max_length=max_length)
-    empty = {"input_ids": [], "attention_mask": [], "labels": [], "num_supervised": 0, "truncated": False}
+    empty = {"input_ids": [], "attention_mask": [], "labels": [], "num_supervised": 0, "truncated": False,
+             "length": 0}
     out: dict[str, list] = {key: [] for key in [*empty, "keep"]}
     for enc in encoded:
         for key in empty:

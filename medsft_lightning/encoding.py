@@ -29,7 +29,7 @@ def encode_rows(
     """Encode many rows at once (one batched fast-tokenizer call); ``None`` where nothing is supervised.
 
     Each result holds ``input_ids``, ``attention_mask``, ``labels`` (lists of int, equal length,
-    at most ``max_length``), ``num_supervised`` and ``truncated``.
+    at most ``max_length``), ``num_supervised``, ``truncated`` and ``length`` (tokens before truncation).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
@@ -66,9 +66,16 @@ def encode_rows(
                 "labels": labels,
                 "num_supervised": num_supervised,
                 "truncated": truncated,
+                "length": len(full_ids[i]),
             }
         )
     return out
+
+
+def token_lengths(rows: Sequence[Mapping[str, object]], tokenizer, *, system_prompt: str | None) -> list[int]:
+    """Tokens of each row's full conversation, untruncated (what ``encode_rows`` reports as ``length``)."""
+    texts = tokenizer.apply_chat_template([row_to_messages(r, system_prompt) for r in rows], tokenize=False)
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def encode_example(

@@ -1,7 +1,10 @@
 """Reading and checking source rows from .jsonl/.json files, splitting and fingerprinting them.
 
 Rows are read line by line by us (not by pyarrow) so that every problem can be reported as
-``file:line: field: what is wrong``.
+``file:line: field: what is wrong``. Lines end at ``\n``, ``\r\n`` or a lone ``\r`` (a JSON string cannot
+hold a raw CR or LF, so no ending can land inside a field) and at nothing else: ``str.splitlines`` would
+also cut at U+2028, U+0085 and friends, which JSON strings may hold raw. Harmless oddities are notices,
+not problems: a UTF-8 byte-order mark (ignored) and a file mixing line-ending styles (counted).
 """
 
 from __future__ import annotations
@@ -9,12 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED_FIELDS = ("question", "think", "answer")
 MAX_LISTED_PROBLEMS = 20
+BOM = "\ufeff"
+_EOL = re.compile(rb"\r\n|\r|\n")
+_EOL_NAMES = {b"\r\n": "CRLF", b"\n": "LF", b"\r": "CR"}
 
 
 class DataError(ValueError):
@@ -23,12 +31,24 @@ class DataError(ValueError):
 
 @dataclass
 class Rows:
-    """Rows with where each came from (``file:line``) and the problems found while reading."""
+    """Rows with where each came from (``file:line``), the problems and notices found while reading.
+
+    ``counts`` holds the checks' tallies (``boms_ignored``, ``mixed_line_ending_files``, and those of
+    :mod:`medsft_lightning.checks`); ``notices`` the findings that are not problems, as
+    ``(kind, "file:line: what")`` with ``kind`` one of those tallies.
+    """
 
     rows: list[dict] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     skipped: int = 0
+    notices: list[tuple[str, str]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    def keep_only(self, keep: Sequence[bool]) -> None:
+        """Drop, in place, the rows whose ``keep`` flag is false."""
+        self.rows = [r for r, k in zip(self.rows, keep) if k]
+        self.where = [w for w, k in zip(self.where, keep) if k]
 
     def raise_if_problems(self, what: str) -> None:
         if not self.problems:
@@ -66,35 +86,83 @@ def _check_row(obj: object) -> list[str]:
     return problems
 
 
-def read_records(file: Path) -> list[tuple[int, object | str]]:
-    """``(line, parsed object)`` per record, or ``(line, "invalid JSON: …")`` strings for bad lines."""
+def _lines(raw: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, line bytes)`` of every line, split at CRLF, LF or a lone CR."""
+    number, start = 1, 0
+    for match in _EOL.finditer(raw):
+        yield number, start, raw[start : match.start()]
+        number, start = number + 1, match.end()
+    yield number, start, raw[start:]
+
+
+def _not_utf8(err: UnicodeDecodeError, offset: int) -> str:
+    bad = err.object[err.start : err.start + 1].hex()
+    return (f"encoding: not UTF-8 ({err.reason}: byte 0x{bad} at byte offset {offset + err.start} of the file); "
+            "save the file as UTF-8")
+
+
+def _note_line_endings(file: Path, raw: bytes, notices: list[tuple[str, str]]) -> None:
+    endings = Counter(_EOL.findall(raw))
+    if len(endings) > 1:
+        styles = ", ".join(f"{n} {_EOL_NAMES[e]}" for e, n in sorted(endings.items(), key=lambda kv: -kv[1]))
+        notices.append(("mixed_line_ending_files", f"{file}: mixed line endings ({styles}); every row read as usual"))
+
+
+def read_records(file: Path, notices: list[tuple[str, str]] | None = None) -> list[tuple[int, object | str]]:
+    """``(line, parsed object)`` per record, or ``(line, "what is wrong")`` strings for bad lines.
+
+    A ``.json`` file holding an array gives line 0 for each element. ``notices`` (when given) receives
+    ``(kind, "file:line: what")`` for a byte-order mark (``boms_ignored``) and mixed line endings
+    (``mixed_line_ending_files``).
+    """
     raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        return [(raw[: err.start].count(b"\n") + 1, f"file is not UTF-8 ({err.reason} at byte {err.start})")]
-    if file.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return [(0, obj) for obj in json.loads(text)]
-        except json.JSONDecodeError as err:
-            return [(err.lineno, f"invalid JSON: {err.msg} (column {err.colno})")]
+    notices = [] if notices is None else notices
+    _note_line_endings(file, raw, notices)
+    if file.suffix == ".json" and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return _read_array(file, raw, notices)
     records: list[tuple[int, object | str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, offset, line in _lines(raw):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            records.append((number, _not_utf8(err, offset)))
+            continue
+        if text.startswith(BOM):  # at the start of the file, or where files with one were concatenated
+            notices.append(("boms_ignored", f"{file}:{number}: UTF-8 byte-order mark (BOM) ignored"))
+            text = text[1:]
+        if not text.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, json.loads(text)))
         except json.JSONDecodeError as err:
             records.append((number, f"invalid JSON: {err.msg} (column {err.colno})"))
     return records
+
+
+def _read_array(file: Path, raw: bytes, notices: list[tuple[str, str]]) -> list[tuple[int, object | str]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return [(len(_EOL.findall(raw[: err.start])) + 1, _not_utf8(err, 0))]
+    if text.startswith(BOM):
+        notices.append(("boms_ignored", f"{file}:1: UTF-8 byte-order mark (BOM) ignored"))
+        text = text[1:]
+    try:
+        return [(0, obj) for obj in json.loads(text)]
+    except json.JSONDecodeError as err:
+        return [(err.lineno, f"invalid JSON: {err.msg} (column {err.colno})")]
 
 
 def read_rows(files: Sequence[Path], skip_bad: bool = False) -> Rows:
     """Read and check every row of ``files``; bad rows become problems (or counted skips)."""
     out = Rows()
     for file in files:
-        for number, obj in read_records(file):
-            where = f"{file}:{number}" if number else f"{file}[{len(out.where)}]"
+        notices: list[tuple[str, str]] = []
+        records = read_records(file, notices)
+        out.counts.update(kind for kind, _ in notices)
+        out.notices.extend(notices)
+        for index, (number, obj) in enumerate(records):
+            where = f"{file}:{number}" if number else f"{file}[{index}]"
             problems = [obj] if isinstance(obj, str) else _check_row(obj)
             if problems:
                 if skip_bad:

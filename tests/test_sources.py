@@ -57,3 +57,12 @@ def test_every_problem_is_reported_with_file_line_and_field(tmp_path):
         rows.raise_if_problems(str(path))
     skipped = read_rows([path], skip_bad=True)
     assert (len(skipped.rows), skipped.skipped, skipped.problems) == (1, 4, [])
+
+
+def test_json_array_rows_are_named_by_their_index_in_their_own_file(tmp_path):
+    good = make_rows(3)
+    write_jsonl(tmp_path / "a.jsonl", good[:2])
+    (tmp_path / "b.json").write_text(json.dumps([good[2], {**good[0], "question": 1}]), encoding="utf-8")
+    rows = read_rows(data_files(tmp_path))
+    assert rows.where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:2", f"{tmp_path / 'b.json'}[0]"]
+    assert rows.problems == [f"{tmp_path / 'b.json'}[1]: question: expected a string, got int"]
