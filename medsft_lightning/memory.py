@@ -1,0 +1,272 @@
+"""``medsft memory``: an estimate of one device's training memory for a config, before a run.
+
+Pure arithmetic (no torch, nothing downloaded). Per device, in bytes, for T = batch_size × max_length
+tokens per micro-batch, with p / a / r the bytes of a parameter / a matmul activation / the residual
+stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
+
+- weights N·p, gradients N·p, AdamW states 2·N·p (torch keeps both moments in the parameter dtype);
+  bf16-mixed adds N·2 for autocast's bf16 weight copies. N counts a tied LM head once.
+- activations per token per decoder layer (what a Qwen3 layer with SDPA keeps for backward):
+  2 RMSNorms (4+r)·H each (fp32 copy + normalised) + their outputs a·H each; q and k: (4+a)·d
+  (q/k-norm) + what SDPA saves of q, k, v (a·q_dim, and k, v repeated to all heads, a·q_dim each,
+  when a padding mask is present, since transformers uses SDPA's own GQA only without a mask) +
+  SDPA output a·q_dim (also o_proj's input: the transpose + contiguous is a no-op on it) +
+  logsumexp 4·heads + the additive mask a·S (padded rows) + MLP gate, act, up, product 4·a·I +
+  4 B per RMSNorm row (rsqrt). Checked against the tensors a real transformers Qwen3 layer saves
+  (saved-tensor hooks, CPU, fp32 and bf16, with and without padding): equal to the byte.
+  Without checkpointing: layers × that × T. With checkpointing: layers × r·H·T (layer inputs) + one
+  layer's full activations (recomputed in backward). Both add the final norm (4+r)·H·T and, for
+  padded rows, the model's bool mask T·S once.
+- loss, chunked (medsft): chunk × V × 4 fp32 logits (+ chunk × V × 2 bf16 copy) + V·H·4 fp32 LM-head
+  gradient accumulator (+ V·H·p saved copy) + 2·T·H·a (hidden rows and their gradient).
+  Seed-style full logits, for comparison: T·V·(a + 4 + 4) (logits, fp32 log-probs, their gradient).
+- total = weights + gradients (+ DDP buckets) + AdamW states + activations + loss: everything counted
+  as alive at once, but not the CUDA context (~0.5 GiB), the allocator's fragmentation or backward's
+  temporary gradient buffers. Against the H200 peaks in benchmarks/README.md (Qwen3-1.7B, rows of
+  2,048 tokens, unpadded) it is 2-5% low: batch 4 with checkpointing 17.3 vs 17.7 GiB measured,
+  batch 2: 16.4 vs 17.2, batch 4 without checkpointing 39.7 vs 40.9, the seed recipe 16.2 vs 16.6.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The Qwen3 numbers the estimate needs (``config.json`` names)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    source: str = ""
+
+
+_PUBLISHED = {  # name: hidden, layers, heads, kv heads, intermediate, tied (all: head_dim 128, vocab 151,936)
+    "Qwen/Qwen3-0.6B": (1024, 28, 16, 8, 3072, True),
+    "Qwen/Qwen3-1.7B": (2048, 28, 16, 8, 6144, True),
+    "Qwen/Qwen3-4B": (2560, 36, 32, 8, 9728, True),
+    "Qwen/Qwen3-8B": (4096, 36, 32, 8, 12288, False),
+}
+QWEN3_ARCHS = {
+    name: Arch(h, n, q, kv, 128, i, 151936, tied, source=f"{name} (built-in table of published Qwen3 configs)")
+    for name, (h, n, q, kv, i, tied) in _PUBLISHED.items()
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    param: int  # bytes of a weight, a gradient and an AdamW moment
+    act: int  # bytes of a matmul output kept for backward
+    resid: int  # bytes of the residual stream / norm outputs
+    autocast: int  # bytes per parameter of autocast's low-precision weight copies
+
+
+PRECISIONS = {
+    "32-true": Precision(4, 4, 4, 0),
+    "bf16-true": Precision(2, 2, 2, 0),
+    "16-true": Precision(2, 2, 2, 0),
+    "bf16-mixed": Precision(4, 2, 4, 2),
+    "16-mixed": Precision(4, 2, 4, 2),
+}
+_PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+class EstimateError(ValueError):
+    """A model, config or flag the estimate cannot use; the message says which and what to do."""
+
+
+def arch_from_config(cfg: dict, source: str) -> Arch:
+    """``Arch`` from a Qwen3 ``config.json`` dict, with transformers' Qwen3Config defaults."""
+    if cfg.get("model_type", "qwen3") != "qwen3":
+        raise EstimateError(f"{source}: model_type {cfg.get('model_type')!r}: only Qwen3 ('qwen3') is estimated")
+    try:
+        return Arch(
+            cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg.get("num_key_value_heads") or cfg["num_attention_heads"], cfg.get("head_dim") or 128,
+            cfg["intermediate_size"], cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)),
+            bool(cfg.get("attention_bias", False)), source,
+        )
+    except KeyError as err:
+        raise EstimateError(f"{source}: missing field {err.args[0]!r}") from None
+
+
+def resolve_arch(name_or_path: str) -> Arch:
+    """The architecture of ``medsft:tiny-qwen3``, a local folder, or a built-in Qwen3 id. Never downloads."""
+    from medsft_lightning import hub
+
+    if name_or_path == hub.TINY_MODEL:  # the tiny model is defined by TINY_CONFIG: no need to build it
+        from medsft_lightning.tiny import TINY_CONFIG, VOCAB_SIZE
+
+        return arch_from_config({**TINY_CONFIG, "vocab_size": VOCAB_SIZE}, f"{name_or_path} (tiny.TINY_CONFIG)")
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        config = local / "config.json" if local.is_dir() else local
+        if not config.is_file():
+            raise EstimateError(f"--model {name_or_path!r}: the folder has no config.json")
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise EstimateError(f"{config}: not readable JSON ({err})") from None
+        return arch_from_config(cfg, str(config))
+    model_id = name_or_path.removeprefix(hub.HF_PREFIX).removesuffix("-Base")
+    for known, arch in QWEN3_ARCHS.items():
+        if known.lower() == model_id.lower():
+            return arch
+    raise EstimateError(
+        f"--model {name_or_path!r}: no such local folder, and not a built-in architecture "
+        f"({', '.join(QWEN3_ARCHS)}); pass a local model folder with its config.json (nothing is downloaded)"
+    )
+
+
+def layer_param_count(arch: Arch) -> int:
+    """Parameters of one decoder layer (q/k/v/o, q/k norms, MLP, two RMSNorms)."""
+    h, q_dim = arch.hidden_size, arch.num_attention_heads * arch.head_dim
+    kv_dim = arch.num_key_value_heads * arch.head_dim
+    attn = h * q_dim + 2 * h * kv_dim + q_dim * h + 2 * arch.head_dim
+    if arch.attention_bias:
+        attn += q_dim + 2 * kv_dim + h
+    return attn + 3 * h * arch.intermediate_size + 2 * h
+
+
+def param_count(arch: Arch) -> int:
+    """Distinct parameters, as ``sum(p.numel() for p in model.parameters())`` counts them (tied head once)."""
+    embed = arch.vocab_size * arch.hidden_size
+    head = 0 if arch.tie_word_embeddings else embed
+    return embed + arch.num_hidden_layers * layer_param_count(arch) + arch.hidden_size + head
+
+
+def stored_param_count(arch: Arch) -> int:
+    """Parameters with the LM head counted even when tied, as checkpoint files (and their sizes) hold them."""
+    return param_count(arch) + (arch.vocab_size * arch.hidden_size if arch.tie_word_embeddings else 0)
+
+
+def precision_of(precision: str | int) -> Precision:
+    """The byte sizes of a Lightning ``trainer.precision`` value."""
+    key = _PRECISION_ALIASES.get(str(precision), str(precision))
+    if key not in PRECISIONS:
+        raise EstimateError(f"--trainer.precision={precision!r}: not estimated; use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+def layer_activation_bytes(arch: Arch, precision: str, seq_len: int, padded: bool = True) -> int:
+    """Bytes one decoder layer keeps for backward, per token (formula in the module docstring)."""
+    pr = precision_of(precision)
+    a, r, h = pr.act, pr.resid, arch.hidden_size
+    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    repeated = padded and arch.num_attention_heads != arch.num_key_value_heads
+    sdpa_kv = 2 * a * (q_dim if repeated else kv_dim)
+    norms = 2 * ((4 + r) * h + a * h)
+    # q/k norms, what SDPA keeps (q, k, v, output = o_proj's input, logsumexp), then the rsqrt factors
+    attn = (4 + a) * (q_dim + kv_dim) + a * q_dim + sdpa_kv + a * q_dim + 4 * arch.num_attention_heads
+    rsqrt = 4 * (2 + arch.num_attention_heads + arch.num_key_value_heads)
+    mask = a * seq_len if padded else 0
+    return norms + attn + rsqrt + mask + 4 * a * arch.intermediate_size
+
+
+def activation_bytes(
+    arch: Arch, precision: str, batch_size: int, max_length: int, checkpointing: bool, padded: bool = True
+) -> int:
+    """Activations of one micro-batch kept for backward, with or without gradient checkpointing."""
+    pr = precision_of(precision)
+    tokens = batch_size * max_length
+    layer = layer_activation_bytes(arch, precision, max_length, padded) * tokens
+    final_norm = (4 + pr.resid) * arch.hidden_size * tokens
+    mask = tokens * max_length if padded else 0  # the model's bool [batch, 1, S, S] mask, shared by the layers
+    if checkpointing:
+        return arch.num_hidden_layers * pr.resid * arch.hidden_size * tokens + layer + final_norm + mask
+    return arch.num_hidden_layers * layer + final_norm + mask
+
+
+def chunked_loss_bytes(arch: Arch, precision: str, tokens: int, chunk_size: int) -> int:
+    """Peak of medsft's chunked LM-head cross-entropy (``loss.py``), all supervised tokens assumed."""
+    pr = precision_of(precision)
+    chunk_v = min(chunk_size, tokens) * arch.vocab_size
+    head = arch.vocab_size * arch.hidden_size
+    logits = chunk_v * 4 + (chunk_v * 2 if pr.act == 2 else 0)
+    grad_w = head * 4 + (head * pr.param if pr.param != 4 else 0)
+    return logits + grad_w + 2 * tokens * arch.hidden_size * pr.act
+
+
+def full_logits_bytes(arch: Arch, precision: str, tokens: int) -> int:
+    """Seed-style loss: ``[tokens, vocab]`` logits, their fp32 log-probs and the fp32 gradient."""
+    return tokens * arch.vocab_size * (precision_of(precision).act + 8)
+
+
+def estimate(
+    arch: Arch,
+    batch_size: int,
+    max_length: int,
+    precision: str = "bf16-true",
+    checkpointing: bool = True,
+    chunk_size: int = 1024,
+    devices: int = 1,
+    strategy: str = "auto",
+    fused_adamw: bool = True,
+    padded: bool = True,
+) -> dict:
+    """Per-device memory of one training step, in bytes per item (see the module docstring).
+
+    Args:
+        arch: the model architecture.
+        batch_size: rows per micro-batch (``data.batch_size``).
+        max_length: tokens per row, the worst case of padding to the longest row (``data.max_length``).
+        precision: Lightning ``trainer.precision``.
+        checkpointing: gradient checkpointing (``model.gradient_checkpointing``).
+        chunk_size: tokens per LM-head chunk (``model.loss_chunk_size``).
+        devices: devices per run (sharding under ``fsdp``, gradient buckets under ``ddp``).
+        strategy: ``auto`` (``ddp`` when devices > 1), ``ddp`` or ``fsdp`` (rough: full sharding with each
+            decoder layer wrapped; the embedding and two layers gathered at a time).
+        fused_adamw: fused AdamW; otherwise foreach AdamW needs one parameter-sized temporary in its step.
+        padded: rows padded to a common length (an attention mask is passed), as in real batches.
+    """
+    pr, n = precision_of(precision), param_count(arch)
+    mode = "ddp" if strategy == "auto" and devices > 1 else strategy
+    shard = devices if mode == "fsdp" else 1
+    tokens = batch_size * max_length
+    out = {"params": n, "params_stored": stored_param_count(arch), "tokens": tokens, "strategy": mode}
+    out["weights"] = n * pr.param // shard
+    out["autocast_copies"] = n * pr.autocast // shard
+    out["gradients"] = n * pr.param // shard
+    out["optimizer"] = 2 * n * pr.param // shard
+    out["ddp_buckets"] = out["gradients"] if mode == "ddp" and devices > 1 else 0
+    # fsdp: the root unit (embedding/LM head) stays gathered; two decoder layers are gathered at a time.
+    gathered = arch.vocab_size * arch.hidden_size + 2 * layer_param_count(arch)
+    out["fsdp_gathered"] = 2 * gathered * pr.param if mode == "fsdp" and devices > 1 else 0
+    out["activations_checkpointed"] = activation_bytes(arch, precision, batch_size, max_length, True, padded)
+    out["activations_full"] = activation_bytes(arch, precision, batch_size, max_length, False, padded)
+    out["activations"] = out["activations_checkpointed" if checkpointing else "activations_full"]
+    out["loss_chunked"] = chunked_loss_bytes(arch, precision, tokens, chunk_size)
+    out["loss_full"] = full_logits_bytes(arch, precision, tokens)
+    out["optimizer_step_temp"] = 0 if fused_adamw else n * pr.param // shard
+    static = sum(out[k] for k in ("weights", "autocast_copies", "gradients", "optimizer", "ddp_buckets"))
+    step = max(out["activations"] + out["loss_chunked"], out["optimizer_step_temp"])
+    out["total"] = static + out["fsdp_gathered"] + step
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``medsft memory --config FILE [overrides]``: print a memory estimate for a training config."""
+    from medsft_lightning.memory_report import run
+
+    try:
+        print(run(sys.argv[1:] if argv is None else argv))
+    except EstimateError as err:
+        sys.exit(f"medsft memory: error: {err}")
+
+
+if __name__ == "__main__":  # through the package module, so that its EstimateError is the one raised
+    from medsft_lightning import memory
+
+    memory.main()
