@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from medsft_lightning.generate import Generation, build_prompts, generate_batch
+from medsft_lightning.generate import Generation, build_prompts, generate_batch, generation_mode
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +68,8 @@ class SampleGenerations(L.Callback):
         rows = self._rows(trainer)
         tokenizer = trainer.datamodule.load_tokenizer()
         prompts = build_prompts(rows, tokenizer, trainer.datamodule.hparams.system_prompt)
-        was_training, use_cache = model.training, model.config.use_cache
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        try:
-            model.eval()
-            model.config.use_cache = True
-            if checkpointing:
-                model.gradient_checkpointing_disable()
-            torch.manual_seed(self.generation.seed)
+        with generation_mode(model, self.generation.seed):
             outputs = generate_batch(model, tokenizer, prompts, self.generation)
-        finally:
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = use_cache
-            model.train(was_training)
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
         return [{"question": r["question"], "reference": r["answer"], **o} for r, o in zip(rows, outputs)]
 
     @rank_zero_only

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from medsft_lightning.callbacks import SampleGenerations
 from medsft_lightning.data import MedicalDataModule
 from medsft_lightning.encoding import TemplateError
+from medsft_lightning.genmetrics import GenerationMetrics
 from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
 from medsft_lightning.predict import AnswerWriter
@@ -64,6 +65,7 @@ class MedSFTCLI(LightningCLI):
         # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.add_lightning_class_args(SampleGenerations, "samples")
+        parser.add_lightning_class_args(GenerationMetrics, "gen_metrics")
         parser.add_lightning_class_args(AnswerWriter, "predict_writer")
         parser.add_argument(
             "--export", type=bool, default=True,

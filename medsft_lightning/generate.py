@@ -1,8 +1,9 @@
-"""Batched generation with left padding, shared by the sample callback and ``medsft predict``."""
+"""Batched generation with left padding, shared by the generation callbacks and ``medsft predict``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,35 @@ class Generation:
     top_p: float = 0.95
     top_k: int = 20
     seed: int = 0
+
+
+@contextmanager
+def generation_mode(model, seed: int) -> Iterator[None]:
+    """Switch a training model to generation, then restore its training state exactly.
+
+    Inside: ``eval()`` mode, the KV cache on, gradient checkpointing off, and the RNG seeded with ``seed``.
+    On exit (errors included): the previous mode, checkpointing, ``config.use_cache`` and the CPU/CUDA RNG
+    states come back, so training continues bit-for-bit as if nothing had been generated.
+    """
+    was_training, use_cache = model.training, model.config.use_cache
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        model.eval()
+        model.config.use_cache = True
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        torch.manual_seed(seed)
+        yield
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = use_cache
+        model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def build_prompts(rows: Sequence[Mapping], tokenizer, system_prompt: str | None) -> list[list[int]]:
