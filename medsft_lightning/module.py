@@ -90,9 +90,11 @@ class MedSFTModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss_sum, num_supervised, num_correct)`` of a batch, from hidden states in LM-head chunks."""
-        hidden = self.model.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        if "position_ids" in batch:  # packed rows: position restarts mark example boundaries (see packing.py)
+            inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
+        else:
+            inputs = {"attention_mask": batch["attention_mask"]}
+        hidden = self.model.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
         weight = self.model.get_output_embeddings().weight
         return chunked_cross_entropy(hidden, weight, batch["labels"], self.hparams.loss_chunk_size)
 

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator, Sequence
 
 PAD_INDEX = -1  # a slot that keeps ranks in step; the dataset turns it into a row with no supervision
+MEGA_BATCHES = 16  # group_by_length sorts this many global batches at a time
 
 
 class WindowBatchSampler:
@@ -25,6 +26,10 @@ class WindowBatchSampler:
         seed: shuffling seed.
         num_replicas: number of data-parallel ranks.
         rank: this rank.
+        lengths: token count of every row; with ``group_by_length`` rows of similar length share batches.
+        group_by_length: after the shuffle, sort each mega-batch of ``MEGA_BATCHES`` global batches by length
+            (longest first) and shuffle the order of the global batches, so padding is small while every
+            epoch still mixes rows; every rank computes the same order, so ranks stay in step.
     """
 
     def __init__(
@@ -36,6 +41,8 @@ class WindowBatchSampler:
         seed: int = 42,
         num_replicas: int = 1,
         rank: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_by_length: bool = False,
     ) -> None:
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size and accumulate must be >= 1, got {batch_size}, {accumulate}")
@@ -43,6 +50,9 @@ class WindowBatchSampler:
         self.batch_size, self.accumulate = batch_size, accumulate
         self.shuffle, self.seed = shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
+        if group_by_length and (lengths is None or len(lengths) != len(self.num_supervised)):
+            raise ValueError("group_by_length needs the token length of every row")
+        self.lengths, self.group_by_length = lengths, group_by_length
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,14 +61,30 @@ class WindowBatchSampler:
     def _rank_batches(self) -> list[list[list[int]]]:
         """Per rank, its list of batches of row indices (PAD_INDEX fills the last slots)."""
         order = list(range(len(self.num_supervised)))
+        rng = random.Random(self.seed + self.epoch)
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
+            rng.shuffle(order)
+        if self.group_by_length:
+            order = self._grouped(order, rng)
         per_rank = -(-len(order) // self.num_replicas)
         order += [PAD_INDEX] * (per_rank * self.num_replicas - len(order))
         return [
             [shard[i : i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
             for shard in (order[r :: self.num_replicas] for r in range(self.num_replicas))
         ]
+
+    def _grouped(self, order: list[int], rng: random.Random) -> list[int]:
+        """``order`` with each mega-batch sorted by length and the global batches in shuffled order."""
+        step = self.batch_size * self.num_replicas  # one global batch: rank r takes every r-th row of it
+        mega = step * MEGA_BATCHES
+        ordered = []
+        for start in range(0, len(order), mega):
+            ordered += sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+        batches = [ordered[i : i + step] for i in range(0, len(ordered), step)]
+        last = batches.pop() if len(batches[-1]) < step else None  # a short batch stays last (padded slots)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return [i for batch in batches + ([last] if last else []) for i in batch]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         ranks = self._rank_batches()

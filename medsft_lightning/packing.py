@@ -1,0 +1,113 @@
+"""Padding-free packing: several encoded rows concatenated into one sequence of at most ``max_length``.
+
+Each packed row carries ``position_ids`` that restart at 0 for every example. Passed to a transformers
+model with ``attention_mask=None``, those restarts make attention block-diagonal: on GPU flash-attention's
+varlen kernel, on CPU/SDPA a block-diagonal causal mask (``transformers.masking_utils`` detects packed
+sequences from ``position_ids``). No token attends across an example boundary, and the loss never crosses
+one either: the first label of every example is masked (its prompt), so the last token of one example is
+never trained to predict the first token of the next.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from medsft_lightning.collate import IGNORE_INDEX
+from medsft_lightning.sampler import PAD_INDEX
+
+
+def pack_rows(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Group row indices into packs of at most ``capacity`` tokens (first-fit decreasing).
+
+    Rows of equal length are ordered by a seeded shuffle, so the packs are deterministic for a seed.
+    Each pack lists its rows longest first.
+
+    >>> pack_rows([5, 3, 4, 2, 6], capacity=8)
+    [[4, 3], [0, 1], [2]]
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit a pack of {capacity}")
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: the shuffle breaks ties
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            packs.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            packs[slot].append(i)
+            room[slot] -= lengths[i]
+    return packs
+
+
+def concat_rows(rows: Sequence[dict]) -> dict:
+    """One packed row from encoded rows: ids and labels concatenated, ``position_ids`` restarting at 0."""
+    packed: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        labels = list(row["labels"])
+        labels[0] = IGNORE_INDEX  # never predict across the boundary (already true for chat-encoded rows)
+        packed["input_ids"] += row["input_ids"]
+        packed["labels"] += labels
+        packed["position_ids"] += range(len(row["input_ids"]))
+    return packed
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Packs of encoded rows, indexed by ints or by the sampler's ``(pack index, window_tokens)`` pairs.
+
+    Args:
+        rows: encoded rows (``input_ids``, ``labels``, ``num_supervised``).
+        packs: row indices of each pack (see :func:`pack_rows`).
+    """
+
+    def __init__(self, rows: list[dict], packs: list[list[int]]) -> None:
+        self.rows, self.packs = rows, packs
+        self.num_supervised = [sum(rows[i]["num_supervised"] for i in p) for p in packs]
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, window = key if isinstance(key, tuple) else (key, None)
+        packed = concat_rows([self.rows[i] for i in self.packs[max(index, 0)]])
+        if index == PAD_INDEX:  # keeps data-parallel ranks in step; trains on nothing
+            packed["labels"] = [IGNORE_INDEX] * len(packed["labels"])
+        if window is not None:
+            packed["window_tokens"] = window
+        return packed
+
+
+def pack_collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows into a batch; padding gets its own ``position_ids`` run from 0 and label -100.
+
+    ``attention_mask`` marks real tokens (for counting); the model must be called with
+    ``attention_mask=None`` and ``position_ids`` so attention follows the example boundaries.
+
+    Example:
+        >>> b = pack_collate([{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "position_ids": [0, 1, 0, 1]},
+        ...                   {"input_ids": [9, 4], "labels": [-100, 4], "position_ids": [0, 1]}], pad_id=0)
+        >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["labels"].tolist()
+        ([[5, 6, 7, 8], [9, 4, 0, 0]], [[0, 1, 0, 1], [0, 1, 0, 1]], [[-100, 6, -100, 8], [-100, 4, -100, -100]])
+        >>> b["attention_mask"].tolist()
+        [[1, 1, 1, 1], [1, 1, 0, 0]]
+    """
+    if not items:
+        raise ValueError("pack_collate got an empty batch")
+    width = max(len(item["input_ids"]) for item in items)
+    batch: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+    for item in items:
+        pad = width - len(item["input_ids"])
+        batch["input_ids"].append(list(item["input_ids"]) + [pad_id] * pad)
+        batch["labels"].append(list(item["labels"]) + [IGNORE_INDEX] * pad)
+        batch["position_ids"].append(list(item["position_ids"]) + list(range(pad)))
+        batch["attention_mask"].append([1] * len(item["input_ids"]) + [0] * pad)
+    out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+    if "window_tokens" in items[0]:
+        out["window_tokens"] = torch.tensor([item["window_tokens"] for item in items], dtype=torch.long)
+    return out
