@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medsft_lightning.decode import decode
 from medsft_lightning.formatting import prompt_messages, split_think_answer
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -93,13 +94,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, use_cache=True,
-                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    else:  # neutralise sampling defaults from the model's generation_config
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
+    out = decode(model, ids, mask, settings.max_new_tokens, stop_ids, do_sample=settings.do_sample,
+                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     results = []
     for tokens in out:
         stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)

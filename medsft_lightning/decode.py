@@ -1,0 +1,79 @@
+"""A lean batched decoding loop: KV cache, left padding, and finished rows leave the batch.
+
+``model.generate`` keeps every row in the batch until the last one stops and runs a general-purpose
+pipeline of logits processors and stopping criteria at every step. For answering many questions this
+loop does only what our decoding needs: one forward pass per new token over the rows still generating
+(their KV cache rows selected with ``reorder_cache``), then greedy ``argmax`` or Qwen3-style sampling
+(temperature, top-k, top-p). Greedy output equals ``model.generate``'s (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from ``[rows, vocab]`` logits: argmax, or a sample after temperature/top-k/top-p.
+
+    Top-p keeps the smallest set of the top-k tokens whose probability reaches ``top_p`` (the most
+    likely token always stays), as ``transformers``' warpers do.
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    k = min(top_k, logits.shape[-1]) if top_k and top_k > 0 else logits.shape[-1]
+    values, indices = logits.topk(k, dim=-1)  # sorted, largest first
+    probs = values.softmax(dim=-1)
+    if 0 < top_p < 1:
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           stop_ids: Sequence[int], do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0) -> list[list[int]]:
+    """New tokens for each left-padded row, up to and including its first stop token.
+
+    Args:
+        model: a causal LM (``eval()`` mode).
+        input_ids: ``[rows, width]`` prompts aligned to the right (left padding).
+        attention_mask: ``[rows, width]``, 0 on the padding.
+        max_new_tokens: most tokens generated per row.
+        stop_ids: token ids that end a row (kept as its last token).
+        do_sample, temperature, top_k, top_p: see :func:`pick_tokens`.
+    """
+    from transformers import DynamicCache
+
+    rows = input_ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens < 1:
+        return out
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    alive = torch.arange(rows)  # which original rows are still generating, in batch order
+    stops = torch.tensor(list(stop_ids), device=input_ids.device)
+    next_pos, mask = positions[:, -1:] + 1, attention_mask
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, do_sample, temperature, top_k, top_p)
+        for row, token in zip(alive.tolist(), tokens.tolist()):
+            out[row].append(token)
+        running = ~torch.isin(tokens, stops)
+        if step == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():  # finished rows leave the batch, and their cache rows with them
+            keep = running.nonzero().squeeze(-1)
+            cache.reorder_cache(keep)
+            alive, tokens, mask, next_pos = alive[keep.cpu()], tokens[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return out

@@ -1,0 +1,57 @@
+"""The decoding loop: greedy output identical to ``model.generate``, finished rows leave the batch."""
+
+import pytest
+import torch
+
+from medsft_lightning.decode import decode, pick_tokens
+from medsft_lightning.generate import left_pad
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids, mask, n, stops, pad_id):
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             eos_token_id=stops, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+    rows = []
+    for tokens in out[:, ids.shape[1] :].tolist():
+        end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+        rows.append(tokens[:end])
+    return rows
+
+
+def test_greedy_equals_generate_with_left_padding_and_early_stops(model, tokenizer):
+    prompts = [tokenizer(text)["input_ids"] for text in
+               ("Fever for two days", "A child has a rash and a cough since last night, what now?", "Headache")]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    never = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    full = decode(model, ids, mask, 12, never)
+    assert full == hf_greedy(model, ids, mask, 12, never, tokenizer.pad_token_id)
+    assert [len(r) for r in full] == [12, 12, 12]
+    # Make the token row 0 emits 4th a stop token: row 0 leaves the batch early, the others go on.
+    stops = [full[0][3]]
+    early = decode(model, ids, mask, 12, stops)
+    assert early == hf_greedy(model, ids, mask, 12, stops, tokenizer.pad_token_id)
+    assert len(early[0]) == full[0].index(stops[0]) + 1 <= 4 and early[0][-1] == stops[0]
+    assert any(len(r) == 12 for r in early)  # some row outlived row 0, decoding after the batch shrank
+
+
+def test_pick_tokens_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]])).repeat(400, 1)
+    assert pick_tokens(logits, False, 1.0, 0, 1.0).tolist() == [0] * 400
+    torch.manual_seed(0)
+    top_k = pick_tokens(logits, True, 1.0, 2, 1.0)
+    assert set(top_k.tolist()) == {0, 1}
+    torch.manual_seed(0)
+    # top_p 0.6: token 1 is kept (0.5 before it < 0.6), token 2 is not (0.8 before it)
+    top_p = pick_tokens(logits, True, 1.0, 0, 0.6)
+    assert set(top_p.tolist()) == {0, 1}
+    share = (top_p == 0).float().mean().item()
+    assert share == pytest.approx(0.5 / 0.8, abs=0.07)  # renormalised over the kept tokens
+    torch.manual_seed(0)
+    assert set(pick_tokens(logits, True, 1.0, 0, 1.0).tolist()) == {0, 1, 2}
