@@ -14,7 +14,14 @@ import torch
 from medsft_lightning.collate import IGNORE_INDEX
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of a chunk, written into the start of ``buffer`` when the weights are fp32.
+
+    Reusing one buffer for every chunk matters on CPU: a fresh ``[chunk, vocab]`` tensor is fresh memory,
+    and the kernel's page faults on first touch cost more than the GEMM itself.
+    """
+    if weight.dtype == torch.float32 and buffer is not None:
+        return torch.mm(hidden, weight.t(), out=buffer[: hidden.size(0)])
     return (hidden @ weight.t()).float()
 
 
@@ -24,10 +31,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = torch.empty((min(chunk_size, hidden.size(0)), weight.size(0)), dtype=torch.float32,
+                             device=hidden.device) if weight.dtype == torch.float32 else None
         for start in range(0, hidden.size(0), chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             rows = torch.arange(t.numel(), device=t.device)
-            logits = _chunk_logits(h, weight)
+            logits = _chunk_logits(h, weight, buffer)
             target_logit = logits[rows, t]
             # Softmax in place over the one [chunk, vocab] buffer: max, subtract, exp, normalise.
             peak = logits.amax(dim=-1, keepdim=True)
@@ -41,13 +50,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad_w.addmm_(grad_lp.t(), h)
             else:  # bf16 tensor-core GEMM (fp32 accumulation inside), chunks summed in fp32
                 grad_w += (grad_lp.t() @ h).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        # Kept as attributes, not saved tensors: backward scales them in place (one [vocab, hidden] buffer
+        # fewer at the peak); backward runs once (the graph is never retained through this loss).
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w.to(weight.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        del ctx.grad_h, ctx.grad_w
+        return grad_h.mul_(grad_loss.to(grad_h.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None
 
 
 def chunked_cross_entropy(
@@ -81,8 +93,9 @@ def chunked_cross_entropy(
         return _ChunkedLinearCE.apply(h, weight, t, chunk_size), count, torch.full_like(count, -1)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     correct = torch.zeros((), dtype=torch.long, device=h.device)
+    buffer = torch.empty((min(chunk_size, t.numel()), weight.size(0)), dtype=torch.float32, device=h.device)
     for start in range(0, t.numel(), chunk_size):
-        logits = _chunk_logits(h[start : start + chunk_size], weight)
+        logits = _chunk_logits(h[start : start + chunk_size], weight, buffer)
         tc = t[start : start + chunk_size]
         loss += torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
         correct += (logits.argmax(-1) == tc).sum()
