@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -16,6 +17,7 @@ from medsft_lightning.genmetrics import GenerationMetrics
 from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
 from medsft_lightning.predict import AnswerWriter
+from medsft_lightning.resume import AtomicCheckpointIO, find_last_checkpoint
 from medsft_lightning.sources import DataError
 
 EXTRA_COMMANDS = {
@@ -90,8 +92,26 @@ class MedSFTCLI(LightningCLI):
             if isinstance(lg, MedSwanLabLogger) and csv is not None:
                 lg.set_log_dir(f"{csv.log_dir}/swanlog")
 
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest last.ckpt of any earlier version of this run (the CSV logger's
+        ``save_dir/name``); Lightning itself would only look in the new, empty version folder."""
+        init = self.config_init[self.subcommand]
+        if init.get("ckpt_path") != "last":
+            return
+        csv = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        root = Path(csv.root_dir) if csv is not None else Path(self.trainer.default_root_dir)
+        found = find_last_checkpoint(root)
+        if found is None:
+            raise ConfigError(f"--ckpt_path='last': no last.ckpt under {root}/version_*/checkpoints; "
+                              "pass the checkpoint's path, or fit without --ckpt_path")
+        init["ckpt_path"] = self.config[self.subcommand]["ckpt_path"] = str(found)
+        rank_zero_info(f"[resume] --ckpt_path last → {found}")
+
     def before_fit(self) -> None:
         self._wire_run_folder()
+        self._resolve_last()
+        # A kill while saving must leave the previous checkpoint usable: write aside, then rename.
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         cfg = self.config[self.subcommand]
         if cfg.get("baseline_validation") and not cfg.get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule)

@@ -19,7 +19,7 @@ from medsft_lightning.encoding import encode_example, encode_rows, token_lengths
 from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.packing import PackedDataset, pack_collate, pack_rows
 from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
-from medsft_lightning.sources import Rows, data_files, fingerprint, read_rows, split_indices
+from medsft_lightning.sources import DataError, Rows, data_files, fingerprint, read_rows, split_indices
 
 __all__ = ["MedicalDataModule", "EncodedDataset", "encode_example"]
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.predict_rows: list[dict] = []
         self.predict_skip_ids: set = set()  # ids already answered (set by the prediction writer)
         self.stats: dict[str, int | str] = {}
+        self.resume_state: dict = {}  # from a checkpoint: where training stood inside its epoch
 
     # -- preparation (rank 0 of each node): downloads only ---------------------------------------
     def prepare_data(self) -> None:
@@ -275,7 +276,35 @@ class MedicalDataModule(L.LightningDataModule):
             lengths=[len(r["input_ids"]) for r in rows] if hp.batching == "group_by_length" else None,
             group_by_length=hp.batching == "group_by_length",
         )
+        if self.resume_state:
+            self._resume(sampler)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=hp.num_workers)
+
+    # -- exact resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the epoch and how many micro-batches of it this rank has trained on."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": done,
+                "train_fingerprint": self.stats.get("train_fingerprint"), "batching": self.hparams.batching,
+                "batch_size": self.hparams.batch_size, "shuffle_seed": self.hparams.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_state = dict(state_dict)
+
+    def _resume(self, sampler: WindowBatchSampler) -> None:
+        state, hp = self.resume_state, self.hparams
+        now = {"train_fingerprint": self.stats.get("train_fingerprint"), "batching": hp.batching,
+               "batch_size": hp.batch_size, "shuffle_seed": hp.shuffle_seed}
+        changed = [f"{k}: {state.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items() if state.get(k) != v]
+        if changed and 0 < state["batches_done"] < len(sampler):
+            raise DataError("cannot resume mid-epoch: the training batches differ from the checkpoint's ("
+                            + "; ".join(changed) + "). Resume with the same data and data.* options, or from an "
+                            "end-of-epoch checkpoint.")
+        sampler.resume_at(state["epoch"], state["batches_done"])
+        rank_zero_info(f"[data] resuming epoch {state['epoch']} after its first {state['batches_done']} micro-batches")
 
     def predict_dataloader(self) -> DataLoader:
         """Rows not answered yet, in batches of similar prompt length (less left padding)."""

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from medsft_lightning import hub
 from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.loss import chunked_cross_entropy
+from medsft_lightning.resume import restore_rng, rng_state
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -160,6 +161,14 @@ class MedSFTModule(L.LightningModule):
         tokenizer = self.trainer.datamodule.load_tokenizer()
         outputs = generate_batch(self.model, tokenizer, [r["prompt_ids"] for r in batch], self.generation)
         return [{"id": r["id"], "question": r["question"], **o} for r, o in zip(batch, outputs)]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["medsft_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng(checkpoint.get("medsft_rng"))
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -15,6 +15,16 @@ PAD_INDEX = -1  # a slot that keeps ranks in step; the dataset turns it into a r
 MEGA_BATCHES = 16  # group_by_length sorts this many global batches at a time
 
 
+class _EpochHook:
+    """The ``batch_sampler.sampler`` Lightning looks for: forwards ``set_epoch`` to the batch sampler."""
+
+    def __init__(self, owner: WindowBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class WindowBatchSampler:
     """Yields lists of ``(row index, window_tokens)`` pairs, one list per micro-batch of this rank.
 
@@ -54,9 +64,19 @@ class WindowBatchSampler:
             raise ValueError("group_by_length needs the token length of every row")
         self.lengths, self.group_by_length = lengths, group_by_length
         self.epoch = 0
+        self.resume: tuple[int, int] | None = None
+        # Lightning calls set_epoch on `dataloader.sampler` and `batch_sampler.sampler`, never on a batch
+        # sampler itself: without this every epoch would replay epoch 0's order.
+        self.sampler = _EpochHook(self)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Resuming mid-epoch: in ``epoch``, skip the first ``batches_done`` micro-batches of this rank."""
+        self.resume = (epoch, batches_done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.resume is not None and epoch != self.resume[0]:
+            self.resume = None  # the resumed epoch is over
 
     def _rank_batches(self) -> list[list[list[int]]]:
         """Per rank, its list of batches of row indices (PAD_INDEX fills the last slots)."""
@@ -89,6 +109,7 @@ class WindowBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         ranks = self._rank_batches()
         mine = ranks[self.rank]
+        skip = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
         for start in range(0, len(mine), self.accumulate):
             window = sum(
                 self.num_supervised[i]
@@ -97,8 +118,9 @@ class WindowBatchSampler:
                 for i in batch
                 if i != PAD_INDEX
             )
-            for batch in mine[start : start + self.accumulate]:
-                yield [(i, window) for i in batch]
+            for k, batch in enumerate(mine[start : start + self.accumulate], start=start):
+                if k >= skip:
+                    yield [(i, window) for i in batch]
 
     def __len__(self) -> int:
         per_rank = -(-len(self.num_supervised) // self.num_replicas)

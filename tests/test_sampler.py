@@ -37,3 +37,14 @@ def test_ranks_see_each_row_once_and_share_the_global_window():
         assert len(windows) == 1  # every rank divides by the same global count
     first_window_rows = [i for batches in per_rank for batch in batches[:2] for i, _ in batch if i != PAD_INDEX]
     assert per_rank[0][0][0][1] == sum(TOKENS[i] for i in first_window_rows)
+
+
+def test_lightning_sets_the_epoch_so_every_epoch_is_reshuffled():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = WindowBatchSampler([1] * 12, batch_size=4, seed=0)
+    loader = DataLoader(list(range(12)), batch_sampler=sampler, collate_fn=list)
+    first = list(sampler)
+    _set_sampler_epoch(loader, 1)  # what Lightning's fit loop calls at every epoch start
+    assert sampler.epoch == 1 and list(sampler) != first

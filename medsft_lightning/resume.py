@@ -1,0 +1,66 @@
+"""Exact resume: checkpoints written atomically, the RNG state in every checkpoint, ``--ckpt_path last``.
+
+Where training stands inside an epoch is kept by the DataModule (``state_dict``: epoch and micro-batches
+done; the sampler skips those on resume); the optimizer, LR scheduler and loop counters by Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file in the same folder, fsync it, then rename it into place.
+
+    A kill during saving leaves the previous checkpoint of that name whole (a rename is atomic on POSIX
+    file systems); at worst a ``*.tmp-<pid>`` file stays behind, which the next save of the same name
+    in this folder removes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    """The Python, torch CPU and CUDA RNG states (saved in every checkpoint by the LightningModule)."""
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng(state: dict | None) -> None:
+    """Put back what :func:`rng_state` returned (``None``: a checkpoint from before medsft saved it)."""
+    if not state:
+        return
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_last_checkpoint(run_root: Path) -> Path | None:
+    """The newest ``last*.ckpt`` in any ``<run_root>/version_*/checkpoints`` folder, or ``None``."""
+    found = [p for p in Path(run_root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
