@@ -75,9 +75,12 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, window = key if isinstance(key, tuple) else (key, None)
-        packed = concat_rows([self.rows[i] for i in self.packs[max(index, 0)]])
+        members = [self.rows[i] for i in self.packs[max(index, 0)]]
+        packed = concat_rows(members)
+        packed["row_ids"] = [r.get("row_id", -1) for r in members]
         if index == PAD_INDEX:  # keeps data-parallel ranks in step; trains on nothing
             packed["labels"] = [IGNORE_INDEX] * len(packed["labels"])
+            packed["row_ids"] = []
         if window is not None:
             packed["window_tokens"] = window
         return packed
@@ -108,6 +111,9 @@ def pack_collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["position_ids"].append(list(item["position_ids"]) + list(range(pad)))
         batch["attention_mask"].append([1] * len(item["input_ids"]) + [0] * pad)
     out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+    if "row_ids" in items[0]:  # which rows each packed sequence holds (-1: none), for error messages
+        most = max(1, max(len(item["row_ids"]) for item in items))
+        out["row_id"] = torch.tensor([item["row_ids"] + [-1] * (most - len(item["row_ids"])) for item in items])
     if "window_tokens" in items[0]:
         out["window_tokens"] = torch.tensor([item["window_tokens"] for item in items], dtype=torch.long)
     return out

@@ -82,6 +82,25 @@ def test_config_errors_are_listed_without_traceback(tmp_path, cache_root):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--data.nope", "1"], "unrecognized arguments: --data.nope 1"),
+    (["--data.batch_size", "abc"], 'Parser key "data.batch_size":\n  Expected a <class \'int\'>. Got value: abc'),
+    (["--data.dataset", "/no/such.jsonl"], "data.dataset='/no/such.jsonl': no such file or folder"),
+    (["--ckpt_path", "last"], "--ckpt_path='last': no last.ckpt under runs/demo/version_*/checkpoints"),
+])
+def test_bad_options_give_one_line_errors(tmp_path, cache_root, args, expected):
+    proc = medsft(["fit", "--config", DEMO, *args], cwd=tmp_path, env=offline_env(cache_root))
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_is_named(tmp_path, cache_root):
+    proc = medsft(["fit", "--config", str(tmp_path / "nope.yaml")], cwd=tmp_path, env=offline_env(cache_root))
+    assert proc.returncode != 0 and f"File does not exist: '{tmp_path / 'nope.yaml'}'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_rows_name_file_line_and_field(tmp_path, cache_root):
     rows = make_rows(12)
     rows[4]["answer"] = 7

@@ -122,3 +122,36 @@ def test_warmup_then_cosine():
     assert warmup_cosine(10, 100, 10, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5)
+
+
+class NaNAtStep1(MedSFTModule):
+    """Produces a NaN loss on the batch trained at global step 1, and remembers that batch's rows."""
+
+    def forward(self, batch):
+        loss_sum, n_tokens, correct = super().forward(batch)
+        if self.training and self.trainer.global_step == 1 and not hasattr(self, "bad_rows"):
+            self.bad_rows = batch["row_id"].tolist()
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, n_tokens, correct
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_nonfinite_loss_names_its_rows_or_is_skipped(tmp_path, tiny_dir, policy):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(8))
+    val = write_jsonl(tmp_path / "val.jsonl", make_rows(2))
+    dm = MedicalDataModule(dataset=str(train), val_dataset=str(val), tokenizer=str(tiny_dir), batch_size=2,
+                           max_length=256, cache_dir=str(tmp_path / "cache"))
+    model = NaNAtStep1(str(tiny_dir), learning_rate=1e-3, gradient_checkpointing=False, on_nonfinite_loss=policy)
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    if policy == "error":
+        with pytest.raises(FloatingPointError) as err:
+            trainer.fit(model, dm)
+        where = ", ".join(f"{train}:{i + 1}" for i in model.bad_rows)  # row i of the file is line i + 1
+        assert f"non-finite training loss (nan) at step 1 (epoch 0, batch 1); its rows: {where}." in str(err.value)
+        return
+    trainer.fit(model, dm)
+    assert model.nonfinite_skipped == 1
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3  # the bad batch made no update
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
