@@ -57,9 +57,11 @@ class SampleGenerations(L.Callback):
         return [rows[i] for i in picks]
 
     def _round(self, trainer: L.Trainer, pl_module: L.LightningModule, baseline: bool) -> None:
+        # trainer.log_dir broadcasts from rank zero under DDP: every rank must ask, not only rank zero.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             results = self._generate(trainer, pl_module)
-            self._record(trainer, results, baseline)
+            self._record(trainer, results, baseline, run_dir)
         self.rounds += 1
         trainer.strategy.barrier("sample_generations")
 
@@ -73,7 +75,7 @@ class SampleGenerations(L.Callback):
         return [{"question": r["question"], "reference": r["answer"], **o} for r, o in zip(rows, outputs)]
 
     @rank_zero_only
-    def _record(self, trainer: L.Trainer, results: list[dict], baseline: bool) -> None:
+    def _record(self, trainer: L.Trainer, results: list[dict], baseline: bool, run_dir: Path) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
         rate = sum(r["well_formed"] for r in results) / max(1, len(results))
         chars = sum(len(r["answer"]) for r in results) / max(1, len(results))
@@ -84,7 +86,6 @@ class SampleGenerations(L.Callback):
                 texts = [f"Q: {r['question']}\n\n<think>\n{r['think']}\n</think>\n\nA: {r['answer']}\n\n"
                          f"Reference: {r['reference']}" for r in results]
                 lg.log_text("samples", texts, step=step, caption=[f"step {step} #{i}" for i in range(len(texts))])
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / self.filename).open("a", encoding="utf-8") as f:
             for i, r in enumerate(results):

@@ -117,6 +117,7 @@ class MedSFTCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks before rank zero goes on alone
         if not self.config[self.subcommand].get("export") or not self.trainer.is_global_zero:
             return
         from medsft_lightning.export import load_checkpoint_weights, save_hf
@@ -124,7 +125,7 @@ class MedSFTCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if best:
             load_checkpoint_weights(self.model, best)
-        out = save_hf(self.model.model, self.datamodule.load_tokenizer(), f"{self.trainer.log_dir}/hf_model")
+        out = save_hf(self.model.model, self.datamodule.load_tokenizer(), f"{log_dir}/hf_model")
         rank_zero_info(f"[export] {'best' if best else 'final'} weights → {out}")
 
     def before_validate(self) -> None:
