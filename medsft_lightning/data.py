@@ -313,6 +313,8 @@ class MedicalDataModule(L.LightningDataModule):
         todo = [r for r in self.predict_rows if r["id"] not in self.predict_skip_ids]
         prompts = build_prompts(todo, self.load_tokenizer(), self.hparams.system_prompt) if todo else []
         items = sorted(({**r, "prompt_ids": p} for r, p in zip(todo, prompts)), key=lambda r: len(r["prompt_ids"]))
+        if self.trainer is not None and self.trainer.world_size > 1:  # each process answers every N-th row
+            items = items[self.trainer.global_rank :: self.trainer.world_size]
         return DataLoader(items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
 
     def val_dataloader(self) -> DataLoader:

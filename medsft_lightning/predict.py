@@ -69,6 +69,10 @@ class AnswerWriter(BasePredictionWriter):
     """Appends each batch's answers to ``output_path`` as soon as it is generated; at the end, rewrites
     the file in input order. Rerunning with the same path answers only the rows not written yet.
 
+    With several processes each rank answers every N-th row and appends to its own part file
+    (``output_path`` on rank zero, ``output_path.rank<r>`` on the others); at the end rank zero merges
+    them into ``output_path`` in input order and removes the parts.
+
     Args:
         output_path: the JSON-lines file of answers.
     """
@@ -77,18 +81,22 @@ class AnswerWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_path = output_path
 
+    def _parts(self) -> list[Path]:
+        path = Path(self.output_path)
+        return [path, *sorted(path.parent.glob(f"{path.name}.rank*"))] if path.parent.is_dir() else [path]
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        done = {a["id"] for a in read_answers(Path(self.output_path))}
+        done = {a["id"] for part in self._parts() for a in read_answers(part)}
         trainer.datamodule.predict_skip_ids = done
         if done:
             logger.info("[predict] %s already holds %d answer(s): answering only the rest", self.output_path, len(done))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if not trainer.is_global_zero:
-            return
         path = Path(self.output_path)
+        if trainer.global_rank:
+            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps({k: p[k] for k in OUTPUT_FIELDS}, ensure_ascii=False) + "\n" for p in prediction)
         with path.open("a", encoding="utf-8") as f:
@@ -97,13 +105,17 @@ class AnswerWriter(BasePredictionWriter):
             os.fsync(f.fileno())
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("answer_writer")  # every rank's part is complete
         if not trainer.is_global_zero:
             return
         path = Path(self.output_path)
         order = {row["id"]: i for i, row in enumerate(trainer.datamodule.predict_rows)}
-        answers = {a["id"]: a for a in read_answers(path)}
+        parts = self._parts()
+        answers = {a["id"]: a for part in parts for a in read_answers(part)}
         ordered = sorted(answers.values(), key=lambda a: order.get(a["id"], len(order)))
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in ordered), encoding="utf-8")
         os.replace(tmp, path)
+        for part in parts[1:]:
+            part.unlink()
         logger.info("[predict] wrote %d answer(s) to %s", len(ordered), path)

@@ -82,3 +82,18 @@ def test_predict_resumes_after_sigkill_and_torn_write(tmp_path, tiny_dir, cache_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [a["id"] for a in lines] == [q["id"] for q in QUESTIONS]  # exactly 13, none twice, input order
+
+
+def test_predict_on_two_processes_writes_every_question_once_in_order(tmp_path, tiny_dir, cache_root):
+    medsft = Path(sys.executable).parent / "medsft"  # the console script: DDP re-launches it per rank
+    if not medsft.exists():
+        pytest.skip("needs the installed medsft console script")
+    questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
+    out = tmp_path / "answers.jsonl"
+    cmd = [str(medsft), *predict_cmd(tiny_dir, questions, out, batch_size=4)[3:], "--trainer.strategy", "ddp",
+           "--trainer.devices", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(cache_root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [a["id"] for a in lines] == [q["id"] for q in QUESTIONS]  # 13 lines, input order, none twice
+    assert not list(tmp_path.glob("answers.jsonl.rank*"))  # the second process's part was merged
