@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from functools import partial
 from typing import Literal
 
@@ -15,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from medsft_lightning import checks, hub
 from medsft_lightning.collate import IGNORE_INDEX, pad_collate
-from medsft_lightning.encoding import encode_example, encode_rows, token_lengths
+from medsft_lightning.encoded_cache import encode_cached
+from medsft_lightning.encoding import encode_example, token_lengths
 from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.packing import PackedDataset, pack_collate, pack_rows
 from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
@@ -198,7 +197,9 @@ class MedicalDataModule(L.LightningDataModule):
 
     def _encode(self, rows: Rows, split: str) -> EncodedDataset:
         content = fingerprint(rows.rows)
-        encoded = self._encode_cached(rows.rows, content)
+        hp = self.hparams
+        encoded = encode_cached(rows.rows, content, self.load_tokenizer(), hp.tokenizer, hp.system_prompt,
+                                hp.max_length, hub.medsft_cache(hp.cache_dir) / "encoded")
         drop_long = self.hparams.too_long == "drop"
         kept = [{**enc, "row_id": row_id} for row_id, enc in enumerate(encoded)
                 if enc is not None and not (drop_long and enc["truncated"])]
@@ -226,32 +227,6 @@ class MedicalDataModule(L.LightningDataModule):
         if not kept:
             raise ValueError(f"data: no trainable {split} row left at data.max_length={self.hparams.max_length}")
         return EncodedDataset(kept)
-
-    def _encode_cached(self, rows: list[dict], content: str) -> list[dict | None]:
-        """Encode with a batched ``datasets.map``; results are cached on disk by content hash."""
-        import datasets
-
-        tokenizer = self.load_tokenizer()
-        key = fingerprint(
-            [{"rows": content, "tok": self.hparams.tokenizer, "vocab": len(tokenizer), "len": self.hparams.max_length,
-              "sys": self.hparams.system_prompt, "tmpl": tokenizer.chat_template or "", "v": 2}]
-        )
-        cache = hub.medsft_cache(self.hparams.cache_dir) / "encoded" / key
-        if (cache / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(str(cache))
-        else:
-            encode = partial(_encode_batch, tokenizer=tokenizer, system_prompt=self.hparams.system_prompt,
-                             max_length=self.hparams.max_length)
-            # new_fingerprint: our own content key, so datasets does not pickle the tokenizer to hash it.
-            ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, new_fingerprint=key,
-                                                      remove_columns=["question", "think", "answer"])
-            tmp = cache.with_name(f"{key}.tmp-{os.getpid()}")  # ranks may race: write aside, then rename
-            ds.save_to_disk(str(tmp))
-            try:
-                tmp.rename(cache)
-            except OSError:  # another process got there first; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
-        return [None if not r["keep"] else r for r in ds]
 
     # -- loaders ------------------------------------------------------------------------------
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -321,15 +296,3 @@ class MedicalDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
                           collate_fn=self._collate, num_workers=self.hparams.num_workers)
 
-
-def _encode_batch(batch: dict[str, list], tokenizer, system_prompt: str, max_length: int) -> dict[str, list]:
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    encoded = encode_rows(rows, tokenizer, system_prompt=system_prompt, max_length=max_length)
-    empty = {"input_ids": [], "attention_mask": [], "labels": [], "num_supervised": 0, "truncated": False,
-             "length": 0}
-    out: dict[str, list] = {key: [] for key in [*empty, "keep"]}
-    for enc in encoded:
-        for key in empty:
-            out[key].append((enc or empty)[key])
-        out["keep"].append(enc is not None)
-    return out
