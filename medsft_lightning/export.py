@@ -14,11 +14,16 @@ logger = logging.getLogger(__name__)
 def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
     """``save_pretrained`` model, tokenizer and a generation config that stops on Qwen3's end tokens.
 
-    Written to a temporary sibling folder and renamed, so ``out_dir`` is never half-written.
+    Written to a temporary sibling folder and renamed, so ``out_dir`` is never half-written. A LoRA
+    (peft) model is saved twice: the bare adapter in ``out_dir/adapter`` and, merged into the base
+    weights (in place), as the plain model that ``AutoModelForCausalLM.from_pretrained`` loads.
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(tmp / "adapter")
+        model = model.merge_and_unload()
     stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     model.generation_config.eos_token_id = stop
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -10,6 +10,7 @@ import torch
 
 from medsft_lightning.decode import decode
 from medsft_lightning.formatting import prompt_messages, split_think_answer
+from medsft_lightning.lora import base_model
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -91,6 +92,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings:
     ``finish_reason`` (``stop`` on ``<|im_end|>``/``<|endoftext|>``, else ``length``),
     ``num_generated_tokens`` (stop token included).
     """
+    model = base_model(model)  # a peft wrapper's base model holds the adapters
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]

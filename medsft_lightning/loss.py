@@ -29,7 +29,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        need_w = ctx.needs_input_grad[1]  # False under LoRA: the LM head is frozen, skip a third of the work
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         buffer = torch.empty((min(chunk_size, hidden.size(0)), weight.size(0)), dtype=torch.float32,
                              device=hidden.device) if weight.dtype == torch.float32 else None
@@ -46,20 +47,21 @@ class _ChunkedLinearCE(torch.autograd.Function):
             grad[rows, t] -= 1.0
             grad_lp = grad.to(weight.dtype)
             grad_h[start : start + chunk_size] = grad_lp @ weight
-            if weight.dtype == torch.float32:
+            if need_w and weight.dtype == torch.float32:
                 grad_w.addmm_(grad_lp.t(), h)
-            else:  # bf16 tensor-core GEMM (fp32 accumulation inside), chunks summed in fp32
+            elif need_w:  # bf16 tensor-core GEMM (fp32 accumulation inside), chunks summed in fp32
                 grad_w += (grad_lp.t() @ h).float()
         # Kept as attributes, not saved tensors: backward scales them in place (one [vocab, hidden] buffer
         # fewer at the peak); backward runs once (the graph is never retained through this loss).
-        ctx.grad_h, ctx.grad_w = grad_h, grad_w.to(weight.dtype)
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w.to(weight.dtype) if need_w else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
         del ctx.grad_h, ctx.grad_w
-        return grad_h.mul_(grad_loss.to(grad_h.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None
+        scaled_w = grad_w.mul_(grad_loss.to(grad_w.dtype)) if grad_w is not None else None
+        return grad_h.mul_(grad_loss.to(grad_h.dtype)), scaled_w, None, None
 
 
 def chunked_cross_entropy(

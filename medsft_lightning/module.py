@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from medsft_lightning import hub
 from medsft_lightning.generate import Generation, generate_batch
+from medsft_lightning.lora import LoraSettings, apply_lora, base_model
 from medsft_lightning.loss import chunked_cross_entropy
 from medsft_lightning.resume import restore_rng, rng_state
 
@@ -45,6 +46,8 @@ class MedSFTModule(L.LightningModule):
         loss_chunk_size: supervised tokens per LM-head chunk of the loss; the full
             ``[tokens, vocab]`` logits are never built (peak extra memory ~ chunk × vocab × 4 bytes).
         generation: decoding settings of ``medsft predict``.
+        lora: train low-rank adapters (peft) instead of all parameters; ``None``: full fine-tuning. The
+            export merges them into the base weights (and also saves the bare adapter).
         on_nonfinite_loss: a NaN/inf training loss ``error`` stops the run naming the batch's rows
             (``file:line``); ``skip`` warns, counts (``train_nonfinite_skipped``) and skips that batch's
             update (single process only: under DDP the other ranks would wait for it).
@@ -68,6 +71,7 @@ class MedSFTModule(L.LightningModule):
         generation: Generation | None = None,
         fused_adamw: bool | None = None,
         on_nonfinite_loss: Literal["error", "skip"] = "error",
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +96,8 @@ class MedSFTModule(L.LightningModule):
         self.model.config.use_cache = False
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.lora is not None:
+            self.model = apply_lora(self.model, hp.lora)
         n_params = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(f"[model] {hp.model_name_or_path}: {n_params / 1e6:.1f}M parameters, {dtype}, "
                        f"gradient checkpointing {'on' if hp.gradient_checkpointing else 'off'}")
@@ -102,8 +108,9 @@ class MedSFTModule(L.LightningModule):
             inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
         else:
             inputs = {"attention_mask": batch["attention_mask"]}
-        hidden = self.model.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-        weight = self.model.get_output_embeddings().weight
+        lm = base_model(self.model)  # under LoRA the adapters live inside the base model's layers
+        hidden = lm.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+        weight = lm.get_output_embeddings().weight
         return chunked_cross_entropy(hidden, weight, batch["labels"], self.hparams.loss_chunk_size)
 
     # -- training ----------------------------------------------------------------------------
