@@ -221,7 +221,12 @@ def run_medsft(cfg: dict, meter: Meter) -> tuple[object, list[dict]]:
             meter.step_end()  # accumulate_grad_batches is 1: every micro-batch is an optimizer step
 
     dm = data_module(cfg, cfg["mode"])
-    module = MeasuredModule(model_name_or_path=cfg["model"], gradient_checkpointing=cfg["ckpt"],
+    lora = None
+    if cfg.get("lora"):
+        from medsft_lightning.lora import LoraSettings
+
+        lora = LoraSettings()
+    module = MeasuredModule(model_name_or_path=cfg["model"], gradient_checkpointing=cfg["ckpt"], lora=lora,
                             learning_rate=cfg["learning_rate"], weight_decay=0.0, warmup_ratio=0.0, min_lr_ratio=1.0,
                             loss_chunk_size=cfg["loss_chunk_size"])
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=1,
@@ -284,6 +289,10 @@ def plans(args) -> list[tuple[str, dict]]:
         shape = f"{args.pack_batch_size} seq x {args.max_length}" if mode == "pack" else f"{args.batch_size}x1"
         for ckpt in args.checkpointing:
             out.append((f"medsft {mode} {shape}, ckpt {ckpt}", {"side": "medsft", "mode": mode, "ckpt": ckpt == "on"}))
+    if args.lora:  # the seed's LoRA settings vs full fine-tuning, same batching (the first mode)
+        mode = args.modes[0]
+        out.append((f"medsft {mode} {args.batch_size}x1 LoRA r8, ckpt off",
+                    {"side": "medsft", "mode": mode, "ckpt": False, "lora": True}))
     return out
 
 
@@ -322,6 +331,8 @@ def main() -> None:
     p.add_argument("--max_steps", type=int, default=None, help="cap optimizer steps (quick checks; default 1 epoch)")
     p.add_argument("--loss_chunk_size", type=int, default=128,
                    help="medsft's model.loss_chunk_size (configs/demo.yaml's CPU value; 1,024 is the GPU default)")
+    p.add_argument("--lora", action="store_true",
+                   help="also run LoRA (r 8, alpha 32, all projections; needs peft) on the first mode, ckpt off")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
