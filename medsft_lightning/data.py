@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Literal
 
@@ -21,7 +20,6 @@ from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
 from medsft_lightning.sources import DataError, Rows, data_files, fingerprint, read_rows, split_indices
 
 __all__ = ["MedicalDataModule", "EncodedDataset", "encode_example"]
-logger = logging.getLogger(__name__)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
