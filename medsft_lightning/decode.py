@@ -2,13 +2,15 @@
 
 ``model.generate`` keeps every row in the batch until the last one stops and runs a general-purpose
 pipeline of logits processors and stopping criteria at every step. For answering many questions this
-loop does only what our decoding needs: one forward pass per new token over the rows still generating
-(their KV cache rows selected with ``reorder_cache``), then greedy ``argmax`` or Qwen3-style sampling
-(temperature, top-k, top-p). Greedy output equals ``model.generate``'s (tested).
+loop does only what our decoding needs: one forward pass of the decoder per new token over the rows
+still generating (their KV cache rows selected with ``reorder_cache``), the LM head on the last
+position only, then greedy ``argmax`` or Qwen3-style sampling (temperature, top-k, top-p). Greedy
+output equals ``model.generate``'s (tested).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +24,7 @@ def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     likely token always stays), as ``transformers``' warpers do.
     """
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return logits.max(dim=-1).indices
     logits = logits.float() / max(temperature, 1e-5)
     k = min(top_k, logits.shape[-1]) if top_k and top_k > 0 else logits.shape[-1]
     values, indices = logits.topk(k, dim=-1)  # sorted, largest first
@@ -34,6 +36,33 @@ def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return indices.gather(-1, choice).squeeze(-1)
 
 
+class LastTokenHead:
+    """The LM head on the last position, computed as ``weight @ hidden.T`` into one reused buffer.
+
+    Decoding needs ``[rows, vocab]`` logits for a handful of rows. On CPU, ``F.linear`` (``hidden @
+    weight.T``) with 8 rows and a 151,936-row weight takes ~2x as long as ``weight @ hidden.T``, and a
+    fresh 5 MB logits tensor per token costs page faults; together they were most of a decoding step
+    (``benchmarks/predict_throughput.py``). Returns a ``[rows, vocab]`` view of the buffer, valid until
+    the next call.
+    """
+
+    def __init__(self, head: torch.nn.Module, rows: int):
+        self.weight, self.bias = head.weight.detach(), getattr(head, "bias", None)
+        self.buffer = self.weight.new_empty(self.weight.shape[0] * rows)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        out = self.buffer[: self.weight.shape[0] * rows].view(self.weight.shape[0], rows)
+        torch.mm(self.weight, hidden.to(self.weight.dtype).t(), out=out)
+        logits = out.t()
+        return logits if self.bias is None else logits + self.bias
+
+
+def _cache_kwarg(decoder) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: Sequence[int], do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -41,7 +70,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     """New tokens for each left-padded row, up to and including its first stop token.
 
     Args:
-        model: a causal LM (``eval()`` mode).
+        model: a causal LM (``eval()`` mode) with ``get_decoder()`` and ``get_output_embeddings()``.
         input_ids: ``[rows, width]`` prompts aligned to the right (left padding).
         attention_mask: ``[rows, width]``, 0 on the padding.
         max_new_tokens: most tokens generated per row.
@@ -54,10 +83,12 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     out: list[list[int]] = [[] for _ in range(rows)]
     if max_new_tokens < 1:
         return out
-    cache = DynamicCache(config=model.config)
+    decoder, head = model.get_decoder(), LastTokenHead(model.get_output_embeddings(), rows)
+    kv_cache = DynamicCache(config=model.config)
+    cache = {_cache_kwarg(decoder): kv_cache, "use_cache": True}
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **cache)
+    logits = head(hidden.last_hidden_state[:, -1])
     alive = torch.arange(rows)  # which original rows are still generating, in batch order
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     next_pos, mask = positions[:, -1:] + 1, attention_mask
@@ -70,10 +101,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         if not running.all():  # finished rows leave the batch, and their cache rows with them
             keep = running.nonzero().squeeze(-1)
-            cache.reorder_cache(keep)
+            kv_cache.reorder_cache(keep)
             alive, tokens, mask, next_pos = alive[keep.cpu()], tokens[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        hidden = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, **cache)
+        logits = head(hidden.last_hidden_state[:, -1])
         next_pos = next_pos + 1
     return out

@@ -28,6 +28,18 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def own_aligned_memory(model: torch.nn.Module) -> None:
+    """Copy CPU parameters out of the memory-mapped checkpoint file into 64-byte-aligned memory.
+
+    ``from_pretrained`` leaves CPU weights as views of the mmapped safetensors file at 8-byte offsets;
+    a skinny GEMM on such a weight (decoding's LM head at batch 8) runs ~25% slower than on an aligned
+    copy. A tied weight is one Parameter, visited once, so it stays tied.
+    """
+    for param in model.parameters():
+        if param.device.type == "cpu" and param.data_ptr() % 64:
+            param.data = param.data.clone()
+
+
 class MedSFTModule(L.LightningModule):
     """Qwen3 (any causal LM) fine-tuned on all parameters.
 
@@ -92,6 +104,8 @@ class MedSFTModule(L.LightningModule):
         path = hub.resolve_model(hp.model_name_or_path, revision=hp.model_revision, cache_dir=hp.cache_dir)
         dtype = PRECISION_DTYPES.get(str(self.trainer.precision) if self._trainer else "", torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=hp.attn_implementation)
+        if not self._trainer or self.trainer.strategy.root_device.type == "cpu":
+            own_aligned_memory(self.model)
         self.model.train()  # from_pretrained returns eval mode; HF checkpointing only acts in train mode
         self.model.config.use_cache = False
         if hp.gradient_checkpointing:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medsft_lightning.decode import decode, pick_tokens
+from medsft_lightning.decode import LastTokenHead, decode, pick_tokens
 from medsft_lightning.generate import left_pad
 
 
@@ -55,3 +55,35 @@ def test_pick_tokens_respects_top_k_and_top_p():
     assert share == pytest.approx(0.5 / 0.8, abs=0.07)  # renormalised over the kept tokens
     torch.manual_seed(0)
     assert set(pick_tokens(logits, True, 1.0, 0, 1.0).tolist()) == {0, 1, 2}
+
+
+def test_last_token_head_matches_linear_and_reuses_one_buffer():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=True)
+    fast = LastTokenHead(head, rows=8)
+    for rows in (8, 5, 1):  # finished rows leave the batch: fewer rows, same buffer
+        hidden = torch.randn(rows, 16)
+        logits = fast(hidden)
+        assert logits.shape == (rows, 1000)
+        torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), head(hidden).argmax(-1))
+    no_bias = torch.nn.Linear(16, 1000, bias=False)
+    fast = LastTokenHead(no_bias, rows=3)
+    out = fast(torch.ones(3, 16))
+    assert out.untyped_storage().data_ptr() == fast.buffer.untyped_storage().data_ptr()  # written in place
+    torch.testing.assert_close(out, no_bias(torch.ones(3, 16)), rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_weights_are_realigned_and_stay_tied(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from medsft_lightning.module import own_aligned_memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(p.data_ptr() % 64 for p in model.parameters())  # views of the mmapped safetensors file
+    own_aligned_memory(model)
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tied tensor
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name])
