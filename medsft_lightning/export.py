@@ -36,10 +36,42 @@ def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A ``.ckpt`` file, or a sharded checkpoint folder (ModelParallelStrategy) with its weights gathered in
+    this process (optimizer shards not read)."""
+    from medsft_lightning.sharding import is_sharded_checkpoint, read_sharded_checkpoint
+
+    if is_sharded_checkpoint(ckpt_path):
+        return read_sharded_checkpoint(ckpt_path)
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint_weights(module, ckpt_path: str | Path) -> None:
-    """Load a Lightning checkpoint's weights (no optimizer state) into a configured module."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    """Load a Lightning checkpoint's weights (no optimizer state) into a configured, unsharded module."""
+    state = read_checkpoint(ckpt_path)["state_dict"]
     module.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
+
+
+def export_sharded(trainer, module, ckpt_path: str, out_dir: str | Path) -> Path | None:
+    """Export an FSDP2-sharded module at the end of ``fit``; every rank must call it.
+
+    The checkpoint's weights (``ckpt_path``; ``""``: the weights as trained) are loaded into the shards, the
+    full state dict is gathered once onto rank zero's CPU, and rank zero writes a plain transformers model
+    with :func:`save_hf`. Returns the folder on rank zero, ``None`` on the others.
+    """
+    from medsft_lightning.sharding import gather_full_state_dict, load_sharded_weights, unsharded_copy
+
+    if ckpt_path:
+        load_sharded_weights(module, ckpt_path)
+    state = gather_full_state_dict(module.model)
+    out = None
+    if trainer.is_global_zero:
+        plain = unsharded_copy(module.model, state)
+        out = save_hf(plain, trainer.datamodule.load_tokenizer(), out_dir)
+        logger.info("[export] %s weights (gathered from %d FSDP2 shards) → %s",
+                    "best" if ckpt_path else "final", trainer.world_size, out)
+    trainer.strategy.barrier("medsft_export")
+    return out
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
@@ -49,10 +81,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     from medsft_lightning import hub
     from medsft_lightning.module import MedSFTModule
 
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
     module = MedSFTModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     module.configure_model()
-    load_checkpoint_weights(module, ckpt_path)
+    module.load_state_dict(checkpoint["state_dict"])  # strict: a key mismatch must fail
     source = hub.resolve_model(hparams["model_name_or_path"], cache_dir=hparams.get("cache_dir"), tokenizer_only=True)
     return save_hf(module.model, AutoTokenizer.from_pretrained(source), out_dir)
 
@@ -62,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="medsft export", description=main.__doc__)
-    parser.add_argument("ckpt", help="a .ckpt written by medsft fit")
+    parser.add_argument("ckpt", help="a .ckpt written by medsft fit, or a sharded checkpoint folder (FSDP2)")
     parser.add_argument("out_dir", help="folder to write (loadable by AutoModelForCausalLM.from_pretrained)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

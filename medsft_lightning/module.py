@@ -14,8 +14,8 @@ from torchmetrics import MeanMetric
 from medsft_lightning import hub
 from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.lora import LoraSettings, apply_lora, base_model
-from medsft_lightning.loss import chunked_cross_entropy
 from medsft_lightning.resume import restore_rng, rng_state
+from medsft_lightning.sharding import lm_loss, shard_causal_lm
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -93,6 +93,9 @@ class MedSFTModule(L.LightningModule):
         self._step_started: float | None = None
         self.generation = generation or Generation()
         self.nonfinite_skipped = 0
+        # ModelParallelStrategy (FSDP2): the sharded root unit around self.model (sharding.LossRoot). Kept out of
+        # the registered submodules: its parameters are self.model's, under the same state-dict names.
+        object.__setattr__(self, "fsdp_root", None)
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -112,6 +115,8 @@ class MedSFTModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
+        if self.device_mesh is not None:  # only ModelParallelStrategy sets a device mesh
+            object.__setattr__(self, "fsdp_root", shard_causal_lm(self.model, self.device_mesh))
         n_params = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(f"[model] {hp.model_name_or_path}: {n_params / 1e6:.1f}M parameters, {dtype}, "
                        f"gradient checkpointing {'on' if hp.gradient_checkpointing else 'off'}")
@@ -122,10 +127,10 @@ class MedSFTModule(L.LightningModule):
             inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
         else:
             inputs = {"attention_mask": batch["attention_mask"]}
+        if self.fsdp_root is not None:  # FSDP2: the loss must run inside the root unit's forward (see sharding.py)
+            return self.fsdp_root(batch["input_ids"], batch["labels"], self.hparams.loss_chunk_size, **inputs)
         lm = base_model(self.model)  # under LoRA the adapters live inside the base model's layers
-        hidden = lm.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-        weight = lm.get_output_embeddings().weight
-        return chunked_cross_entropy(hidden, weight, batch["labels"], self.hparams.loss_chunk_size)
+        return lm_loss(lm, batch["input_ids"], batch["labels"], self.hparams.loss_chunk_size, **inputs)
 
     # -- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -195,6 +200,10 @@ class MedSFTModule(L.LightningModule):
 
     # -- prediction ----------------------------------------------------------------------------
     def on_predict_start(self) -> None:
+        if self.fsdp_root is not None:
+            raise RuntimeError("medsft predict with ModelParallelStrategy (FSDP2) is not supported: each rank decodes "
+                               "its own questions, so the ranks' shard gathers would not line up. Predict with "
+                               "--trainer.strategy ddp, or from the exported <run>/hf_model")
         self.model.eval()
         self.model.config.use_cache = True
         if getattr(self.model, "is_gradient_checkpointing", False):

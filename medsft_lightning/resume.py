@@ -60,7 +60,27 @@ def restore_rng(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds besides weights and optimizer states (loops, callbacks, DataModule state, …).
+
+    A sharded folder keeps it in ``meta.pt`` (small); a ``.ckpt`` file is memory-mapped, so its tensors are
+    not read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 def find_last_checkpoint(run_root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` in any ``<run_root>/version_*/checkpoints`` folder, or ``None``."""
-    found = [p for p in Path(run_root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    """The newest ``last*.ckpt`` in any ``<run_root>/version_*/checkpoints`` folder, or ``None``.
+
+    A ``last*.ckpt`` may be a file or, under ModelParallelStrategy, a sharded checkpoint folder: shards
+    plus Lightning's ``meta.pt``, written last, whose time dates the folder (shards are rewritten in place,
+    which leaves the folder's own time alone).
+    """
+    def stamp(path: Path) -> Path:
+        return path / "meta.pt" if path.is_dir() else path
+
+    found = [p for p in Path(run_root).glob("version_*/checkpoints/last*.ckpt") if stamp(p).is_file()]
+    return max(found, key=lambda p: stamp(p).stat().st_mtime, default=None)

@@ -1,0 +1,150 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for Lightning's ``ModelParallelStrategy``, on CPU or GPU.
+
+Each decoder layer is one FSDP unit; the root unit is :class:`LossRoot`, a small module around the causal
+LM whose forward runs the decoder *and* the chunked loss. The root unit holds the embeddings, the final
+norm and the LM head, which the tiny model and Qwen3-0.6B/1.7B/4B tie to the embeddings. FSDP2 gathers a
+unit's parameters only inside that unit's forward (and its backward), and medsft's loss reads the LM-head
+weight outside ``Qwen3ForCausalLM.forward``: computed anywhere but inside the root's forward, it would see
+this rank's shard of the head. Gradients are reduce-scattered and averaged over the data-parallel ranks,
+as DDP averages them, so ``training_step``'s token-mean scaling holds unchanged.
+
+Checkpoints are ``ModelParallelStrategy``'s folders (``torch.distributed.checkpoint`` shards, one file per
+rank, plus Lightning's ``meta.pt``); the helpers here read their weights back, gathered or sharded.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from medsft_lightning.lora import base_model
+from medsft_lightning.loss import chunked_cross_entropy
+
+META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
+
+
+def lm_loss(lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, **inputs: Any):
+    """``(loss_sum, num_supervised, num_correct)`` of a causal LM: decoder hidden states → chunked CE."""
+    hidden = lm.model(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+    return chunked_cross_entropy(hidden, lm.get_output_embeddings().weight, labels, chunk_size)
+
+
+class LossRoot(nn.Module):
+    """The root FSDP unit: its forward is :func:`lm_loss`, so the root's parameters (embeddings, final norm,
+    tied LM head) are gathered while the loss uses them, and their gradients are reduce-scattered after."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, **inputs: Any):
+        return lm_loss(self.lm, input_ids, labels, chunk_size, **inputs)
+
+
+def shard_causal_lm(model: nn.Module, mesh) -> LossRoot:
+    """``fully_shard`` every decoder layer of ``model`` over ``mesh['data_parallel']``, then the root.
+
+    Args:
+        model: a transformers causal LM (``model.model.layers`` are its decoder layers).
+        mesh: the strategy's 2-D device mesh (``data_parallel`` x ``tensor_parallel``).
+
+    Returns:
+        The sharded :class:`LossRoot` around ``model``: call it for every forward that needs the loss.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    tp = mesh["tensor_parallel"].size()
+    if tp != 1:
+        raise ValueError(
+            f"--trainer.strategy.tensor_parallel_size={tp}: medsft shards the model with FSDP2 only (no tensor "
+            "parallelism); set tensor_parallel_size: 1 and data_parallel_size: devices x num_nodes")
+    if hasattr(model, "get_base_model"):
+        raise ValueError("--model.lora is not supported with ModelParallelStrategy (FSDP2) yet (issue 6): train "
+                         "LoRA without --trainer.strategy ModelParallelStrategy, or drop --model.lora")
+    dp_mesh = mesh["data_parallel"]
+    layers = base_model(model).model.layers
+    for layer in layers:
+        fully_shard(layer, mesh=dp_mesh)
+    root = LossRoot(model)
+    fully_shard(root, mesh=dp_mesh)
+    rank_zero_info(f"[fsdp2] {len(layers)} decoder layers + the root (embeddings, final norm, LM head) sharded "
+                   f"over {dp_mesh.size()} ranks")
+    return root
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A ``ModelParallelStrategy`` checkpoint folder (shards + ``meta.pt``), as opposed to a ``.ckpt`` file."""
+    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
+
+
+def load_sharded_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights (no optimizer state) into a sharded module; all ranks call it.
+
+    Args:
+        module: the sharded LightningModule (its state-dict names are the checkpoint's).
+        path: a sharded checkpoint folder, or a whole ``.ckpt`` file (``save_distributed_checkpoint: false``).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    if is_sharded_checkpoint(path):
+        state = {"state_dict": get_model_state_dict(module)}
+        dcp.load(state, checkpoint_id=Path(path))  # each rank reads its own shards
+        set_model_state_dict(module, state["state_dict"])  # strict: a missing key fails
+        return
+    full = torch.load(path, mmap=True, map_location="cpu", weights_only=False)["state_dict"]
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole unsharded state dict on rank 0's CPU (empty elsewhere); a collective: all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded) transformers model with ``model``'s class, config and generation config, holding
+    ``state`` (a full state dict; a tied LM head may be left out of it)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = next(iter(state.values())).dtype
+    with no_init_weights():  # every weight is overwritten below: skip the random init (minutes for billions)
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
+    plain.tie_weights()  # no_init_weights skips the tying too
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    untied = set(missing) - {name for name in missing if _is_tied(plain, name)}
+    if unexpected or untied:
+        raise RuntimeError(f"gathered weights do not fit {type(plain).__name__}: missing {sorted(untied)}, "
+                           f"unexpected {sorted(unexpected)}")
+    return plain
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its storage with another (loaded) parameter, like a tied LM head."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return name in params and any(p is params[name] and n != name for n, p in params.items())
+
+
+def read_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint's full weights (``state_dict``) and Lightning's metadata, in one process.
+
+    No process group is needed; the optimizer shards are not read. The whole model must fit in CPU memory.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    folder = Path(folder)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(folder),
+                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    meta = torch.load(folder / META_FILE, map_location="cpu", weights_only=False)
+    return {**meta, "state_dict": state["state_dict"]}
