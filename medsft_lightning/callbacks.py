@@ -19,7 +19,8 @@ class SampleGenerations(L.Callback):
 
     Generation runs on rank zero in ``eval()`` mode under ``inference_mode`` with the KV cache on and
     gradient checkpointing off; afterwards the training state (mode, checkpointing, cache flag, RNG
-    states) is restored exactly, so training continues as if nothing had happened.
+    states) is restored exactly, so training continues as if nothing had happened. Under FSDP2 every rank
+    generates the same answers in lockstep (a sharded model's forward needs all ranks); rank zero records.
 
     Args:
         num_samples: how many validation questions to answer each time.
@@ -59,18 +60,18 @@ class SampleGenerations(L.Callback):
     def _round(self, trainer: L.Trainer, pl_module: L.LightningModule, baseline: bool) -> None:
         # trainer.log_dir broadcasts from rank zero under DDP: every rank must ask, not only rank zero.
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or getattr(pl_module, "fsdp_root", None) is not None:
             results = self._generate(trainer, pl_module)
-            self._record(trainer, results, baseline, run_dir)
+            self._record(trainer, results, baseline, run_dir)  # rank zero only
         self.rounds += 1
         trainer.strategy.barrier("sample_generations")
 
     def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
-        model = pl_module.model
+        model, root = pl_module.model, getattr(pl_module, "fsdp_root", None)
         rows = self._rows(trainer)
         tokenizer = trainer.datamodule.load_tokenizer()
         prompts = build_prompts(rows, tokenizer, trainer.datamodule.hparams.system_prompt)
-        with generation_mode(model, self.generation.seed):
+        with generation_mode(model, self.generation.seed, root):
             outputs = generate_batch(model, tokenizer, prompts, self.generation)
         return [{"question": r["question"], "reference": r["answer"], **o} for r, o in zip(rows, outputs)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from medsft_lightning.callbacks import SampleGenerations
 from medsft_lightning.data import MedicalDataModule
@@ -121,18 +121,22 @@ class MedSFTCLI(LightningCLI):
             self.datamodule.load_state_dict(state)
 
     def _fsdp2_setup(self) -> None:
-        """ModelParallelStrategy (FSDP2): turn off rank-zero-only generation, which would wait forever for the
-        other ranks' shards."""
+        """ModelParallelStrategy (FSDP2): validate and test under ``no_grad``, not ``inference_mode``.
+
+        FSDP2 keeps each unit's all-gather buffers for its later gathers; allocated first under inference mode
+        (the baseline validation is the first forward), training cannot write them afterwards ("Inplace update
+        to inference tensor outside InferenceMode"). Lightning already does this for gloo and for FSDPStrategy,
+        not for ModelParallelStrategy on NCCL. samples and gen_metrics generate on every rank in lockstep (see
+        callbacks.py); ``medsft predict`` stays unsupported (``MedSFTModule.on_predict_start`` says so).
+        """
         if not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
-        generating = [cb for cb in self.trainer.callbacks if isinstance(cb, SampleGenerations)
+        self.trainer.validate_loop.inference_mode = self.trainer.test_loop.inference_mode = False
+        generating = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, SampleGenerations)
                       or (isinstance(cb, GenerationMetrics) and cb.num_rows > 0)]
-        for cb in generating:
-            self.trainer.callbacks.remove(cb)
         if generating:
-            rank_zero_warn("[fsdp2] samples and gen_metrics are off under ModelParallelStrategy: they generate on "
-                           "rank zero alone, and every forward of a sharded model needs all ranks. Generate from "
-                           "<run>/hf_model after fit (medsft predict --model.model_name_or_path <run>/hf_model).")
+            rank_zero_info(f"[fsdp2] {' and '.join(generating)}: every rank generates the same answers in lockstep "
+                           "(the root unit gathered, each layer gathered at every token); rank zero records them")
 
     def before_fit(self) -> None:
         self._wire_run_folder()

@@ -10,6 +10,7 @@ output equals ``model.generate``'s (tested).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -63,10 +64,26 @@ def _cache_kwarg(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
+def _without_grad(fn):
+    """``inference_mode`` around ``fn``; for a ``sharded=True`` call ``no_grad`` (inference mode off, even inside
+    an outer one): FSDP2 keeps a layer's all-gather buffers for later gathers, and a buffer first allocated
+    under inference mode cannot be written by training afterwards ("Inplace update to inference tensor")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not kwargs.get("sharded"):
+            with torch.inference_mode():
+                return fn(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_grad
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: Sequence[int], do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> list[list[int]]:
+           top_p: float = 1.0, *, sharded: bool = False) -> list[list[int]]:
     """New tokens for each left-padded row, up to and including its first stop token.
 
     Args:
@@ -76,6 +93,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         max_new_tokens: most tokens generated per row.
         stop_ids: token ids that end a row (kept as its last token).
         do_sample, temperature, top_k, top_p: see :func:`pick_tokens`.
+        sharded: an FSDP2 model that every rank decodes in lockstep on the same prompts (its root unit
+            unsharded by the caller): ``no_grad`` instead of ``inference_mode``, and each step's tokens are
+            rank zero's (a broadcast), so all ranks stop at the same steps and run the same forwards.
     """
     from transformers import DynamicCache
 
@@ -94,6 +114,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     next_pos, mask = positions[:, -1:] + 1, attention_mask
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, do_sample, temperature, top_k, top_p)
+        if sharded:  # identical on every rank anyway, unless kernels are not bitwise deterministic
+            torch.distributed.broadcast(tokens, src=0)
         for row, token in zip(alive.tolist(), tokens.tolist()):
             out[row].append(token)
         running = ~torch.isin(tokens, stops)

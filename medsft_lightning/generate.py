@@ -11,6 +11,7 @@ import torch
 from medsft_lightning.decode import decode
 from medsft_lightning.formatting import prompt_messages, split_think_answer
 from medsft_lightning.lora import base_model
+from medsft_lightning.sharding import is_sharded, unsharded_root
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -37,12 +38,16 @@ class Generation:
 
 
 @contextmanager
-def generation_mode(model, seed: int) -> Iterator[None]:
+def generation_mode(model, seed: int, root: torch.nn.Module | None = None) -> Iterator[None]:
     """Switch a training model to generation, then restore its training state exactly.
 
     Inside: ``eval()`` mode, the KV cache on, gradient checkpointing off, and the RNG seeded with ``seed``.
     On exit (errors included): the previous mode, checkpointing, ``config.use_cache`` and the CPU/CUDA RNG
     states come back, so training continues bit-for-bit as if nothing had been generated.
+
+    ``root``: under FSDP2 the sharded root unit (``MedSFTModule.fsdp_root``), unsharded inside (see
+    :func:`~medsft_lightning.sharding.unsharded_root`); every rank must then enter and generate the same
+    prompts with :func:`generate_batch`.
     """
     was_training, use_cache = model.training, model.config.use_cache
     checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -54,7 +59,8 @@ def generation_mode(model, seed: int) -> Iterator[None]:
         if checkpointing:
             model.gradient_checkpointing_disable()
         torch.manual_seed(seed)
-        yield
+        with unsharded_root(root):
+            yield
     finally:
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,9 +90,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings: Generation) -> list[dict]:
-    """Generate for a batch of prompt ids; one dict per prompt, in the given order.
+    """Generate for a batch of prompt ids; one dict per prompt, in the given order. An FSDP2 model: every rank
+    calls it with the same prompts, inside ``generation_mode(model, seed, root)`` (see :func:`decode`).
 
     Each dict: ``raw`` (decoded text, special tokens dropped), ``think``, ``answer``, ``well_formed``,
     ``finish_reason`` (``stop`` on ``<|im_end|>``/``<|endoftext|>``, else ``length``),
@@ -97,7 +103,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings:
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     out = decode(model, ids, mask, settings.max_new_tokens, stop_ids, do_sample=settings.do_sample,
-                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                 sharded=is_sharded(model))
     results = []
     for tokens in out:
         stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)

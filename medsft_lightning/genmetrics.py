@@ -72,7 +72,8 @@ class GenerationMetrics(L.Callback):
     trainer's global step: ``val_gen/rougeL`` (mean ROUGE-L F1 of the answer after ``</think>`` against the
     reference answer, character-level on Chinese: see :func:`rouge_l_f1`), ``val_gen/think_format_rate`` (share
     of well-formed ``<think>…</think>`` + answer generations) and ``val_gen/answer_chars`` (mean answer length).
-    A generation cut off before ``</think>`` counts its whole text as the answer. Other ranks wait.
+    A generation cut off before ``</think>`` counts its whole text as the answer. Other ranks wait;
+    under FSDP2 (a sharded model's forward needs all ranks) every rank generates the same rows in lockstep.
 
     Args:
         num_rows: how many validation rows (the first ones of the validation split) to answer; 0: off.
@@ -92,16 +93,16 @@ class GenerationMetrics(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.num_rows == 0 or trainer.sanity_checking:
             return
-        if trainer.is_global_zero:
-            self._record(trainer, self._evaluate(trainer, pl_module))
+        if trainer.is_global_zero or getattr(pl_module, "fsdp_root", None) is not None:
+            self._record(trainer, self._evaluate(trainer, pl_module))  # rank zero only
         trainer.strategy.barrier("generation_metrics")
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         rows = trainer.datamodule.val_rows.rows[: self.num_rows]
         tokenizer = trainer.datamodule.load_tokenizer()
         prompts = build_prompts(rows, tokenizer, trainer.datamodule.hparams.system_prompt)
-        model, outputs, start = pl_module.model, [], time.perf_counter()
-        with generation_mode(model, self.generation.seed):
+        model, root, outputs, start = pl_module.model, getattr(pl_module, "fsdp_root", None), [], time.perf_counter()
+        with generation_mode(model, self.generation.seed, root):
             for i in range(0, len(prompts), self.batch_size):
                 outputs += generate_batch(model, tokenizer, prompts[i : i + self.batch_size], self.generation)
         answers = [o["answer"] for o in outputs]

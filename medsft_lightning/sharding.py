@@ -6,7 +6,9 @@ norm and the LM head, which the tiny model and Qwen3-0.6B/1.7B/4B tie to the emb
 unit's parameters only inside that unit's forward (and its backward), and medsft's loss reads the LM-head
 weight outside ``Qwen3ForCausalLM.forward``: computed anywhere but inside the root's forward, it would see
 this rank's shard of the head. Gradients are reduce-scattered and averaged over the data-parallel ranks,
-as DDP averages them, so ``training_step``'s token-mean scaling holds unchanged.
+as DDP averages them, so ``training_step``'s token-mean scaling holds unchanged. Generation (samples,
+gen_metrics) reads the head outside that forward too: every rank decodes in lockstep inside
+:func:`unsharded_root`.
 
 Checkpoints are ``ModelParallelStrategy``'s folders (``torch.distributed.checkpoint`` shards, one file per
 rank, plus Lightning's ``meta.pt``); the helpers here read their weights back, gathered or sharded.
@@ -15,6 +17,8 @@ rank, plus Lightning's ``meta.pt``); the helpers here read their weights back, g
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,31 @@ def shard_causal_lm(model: nn.Module, mesh) -> LossRoot:
     rank_zero_info(f"[fsdp2] {len(layers)} decoder layers + the root (embeddings, final norm, LM head) sharded "
                    f"over {dp_mesh.size()} ranks")
     return root
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 units (``fully_shard``): then its forward is a collective of all ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def unsharded_root(root: nn.Module | None) -> Iterator[None]:
+    """The root unit's parameters (embeddings, final norm, tied LM head) gathered for use outside its forward,
+    as generation needs them; resharded on exit. A collective: every rank enters it. The decoder layers still
+    gather themselves in their own forwards. ``root=None`` (not sharded): nothing to do."""
+    if root is None:
+        yield
+        return
+    # FSDP2 makes the first unit to run forward the root of all; generation can come before any training
+    # forward (the baseline round), and a decoder layer must not become the root then.
+    root._get_fsdp_state()._lazy_init()  # no-op once a forward has run
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

@@ -1,8 +1,10 @@
-"""FSDP2 on CPU (ModelParallelStrategy, gloo): sharded loss and gradients equal one process's; fit, sharded
-checkpoint, exact resume and a plain-transformers export with 2 real ``medsft fit`` processes."""
+"""FSDP2 on CPU (ModelParallelStrategy, gloo): sharded loss, gradients and lockstep generation equal one
+process's; fit with samples, sharded checkpoint, exact resume and a plain-transformers export with 2 real
+``medsft fit`` processes."""
 
 from __future__ import annotations
 
+import csv
 import json
 import socket
 import subprocess
@@ -39,6 +41,25 @@ def _tiny(path: str):
     return model
 
 
+def _generations(model, root, tiny: str) -> dict[str, list]:
+    """Greedy and sampled answers to 3 prompts of different lengths, and a decode where row 0 stops at its first
+    token and leaves the batch; ``root`` set: the FSDP2 model, every rank in lockstep."""
+    from transformers import AutoTokenizer
+
+    from medsft_lightning.decode import decode
+    from medsft_lightning.generate import Generation, generate_batch, generation_mode, left_pad
+
+    tokenizer, sharded = AutoTokenizer.from_pretrained(tiny), root is not None
+    prompts = [tokenizer(t)["input_ids"] for t in ("Fever?", "What helps a headache?", "A cough for weeks: what next?")]
+    with generation_mode(model, 0, root):
+        greedy = generate_batch(model, tokenizer, prompts, Generation(max_new_tokens=8))
+        sampled = generate_batch(model, tokenizer, prompts, Generation(max_new_tokens=8, do_sample=True))
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+        free = decode(model, ids, mask, 8, [-1], sharded=sharded)
+        stopped = decode(model, ids, mask, 8, [free[0][0]], sharded=sharded)
+    return {"greedy": greedy, "sampled": sampled, "free": free, "stopped": stopped}
+
+
 def _rank(rank: int, port: int, tiny: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -53,6 +74,7 @@ def _rank(rank: int, port: int, tiny: str, out: str) -> None:
     root = shard_causal_lm(model, mesh)
     head = model.get_output_embeddings().weight
     assert isinstance(head, DTensor) and head is model.get_input_embeddings().weight  # still tied, now sharded
+    generated = [_generations(model, root, tiny)]  # before any forward: FSDP2's first gathers are generation's
     ids, labels = _batch()
     mine = slice(2 * rank, 2 * rank + 2)
     loss_sum, _, _ = root(ids[mine], labels[mine], 16)
@@ -60,13 +82,16 @@ def _rank(rank: int, port: int, tiny: str, out: str) -> None:
     (loss_sum / (labels[:, 1:] != -100).sum() * 2).backward()
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     with torch.no_grad():
+        before, _, _ = root(ids[mine], labels[mine], 16)
+    generated.append(_generations(model, root, tiny))  # after a backward, and after a forward (root unsharded)
+    with torch.no_grad():
         eval_sum, eval_count, _ = root(ids[mine], labels[mine], 16)
-    sums = torch.stack([loss_sum.detach(), eval_sum, eval_count.float()])
+    sums = torch.stack([loss_sum.detach(), eval_sum, eval_count.float(), before])
     dist.all_reduce(sums)
     full = gather_full_state_dict(model)  # every rank takes part; rank 0 gets the tensors
     if rank == 0:
         plain = unsharded_copy(model, full)
-        torch.save({"sums": sums, "grads": grads, "plain": plain.state_dict(),
+        torch.save({"sums": sums, "grads": grads, "plain": plain.state_dict(), "generated": generated,
                     "plain_tied": plain.lm_head.weight is plain.model.embed_tokens.weight}, out)
     dist.destroy_process_group()
 
@@ -79,7 +104,8 @@ def _free_port() -> int:
 
 def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
     """Tied embeddings/LM head, gradient checkpointing on: every gradient of 2 ranks x 2 rows (FSDP2, loss in
-    the root unit) equals 1 process x 4 rows, and the gathered weights rebuild the unsharded model exactly."""
+    the root unit) equals 1 process x 4 rows, also after generating on both ranks in lockstep (greedy, sampled,
+    a row leaving the batch: 1 process's tokens), and the gathered weights rebuild the unsharded model exactly."""
     import torch.multiprocessing as mp
 
     from medsft_lightning.sharding import lm_loss
@@ -89,6 +115,12 @@ def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
     two = torch.load(out, weights_only=False)
 
     model = _tiny(str(tiny_dir))
+    # Generation in lockstep on 2 ranks, before any forward and after a backward, gives 1 process's tokens; the
+    # training loss and gradients after it (below) equal those of this process, which generated nothing.
+    one = _generations(model, None, str(tiny_dir))
+    assert two["generated"] == [one, one]
+    assert [len(t) for t in one["stopped"]] == [1, 8, 8] and one["stopped"][1:] == one["free"][1:]
+    assert [o["raw"] for o in one["sampled"]] != [o["raw"] for o in one["greedy"]]
     ids, labels = _batch()
     loss_sum, count, _ = lm_loss(model, ids, labels, 16)
     (loss_sum / count).backward()
@@ -97,6 +129,7 @@ def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
     assert two["sums"][0].item() == pytest.approx(loss_sum.item(), rel=1e-6)
     assert two["sums"][1].item() == pytest.approx(eval_sum.item(), rel=1e-6)
     assert two["sums"][2].item() == count.item() == 3 * 30 + 20
+    assert two["sums"][1].item() == two["sums"][3].item()  # the same forward before and after generating
     for name, param in model.named_parameters():  # the embedding's includes the tied head's contribution
         torch.testing.assert_close(two["grads"][name], param.grad, rtol=1e-5, atol=1e-6, msg=name)  # max |g| 0.05
     assert two["plain_tied"]
@@ -109,8 +142,21 @@ def fit(work: Path, env: dict, log: str, kill_at_step: int = 0, *extra: str) -> 
     work.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
     config = write_config(work, data, {"log": str(work / log), "kill_at_step": kill_at_step})
-    return subprocess.run([MEDSFT, "fit", "--config", str(config), *extra], cwd=work, env=env,
+    generating = ["--samples.num_samples", "2", "--samples.generation.max_new_tokens", "8", "--gen_metrics.num_rows",
+                  "3", "--gen_metrics.batch_size", "2", "--gen_metrics.generation.max_new_tokens", "8"]
+    return subprocess.run([MEDSFT, "fit", "--config", str(config), *generating, *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def samples(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+def gen_metrics(run: Path) -> dict[int, tuple[float, ...]]:
+    """Global step → (val_gen/rougeL, think_format_rate, answer_chars) from metrics.csv."""
+    keys = ("val_gen/rougeL", "val_gen/think_format_rate", "val_gen/answer_chars")
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get(keys[0])]
+    return {int(r["step"]): tuple(float(r[k]) for k in keys) for r in rows}
 
 
 def rows_by_step(log: Path) -> dict[int, list[int]]:
@@ -123,7 +169,7 @@ def rows_by_step(log: Path) -> dict[int, list[int]]:
 
 @pytest.mark.skipif(not Path(MEDSFT).exists(), reason="needs the installed medsft console script")
 def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
-    """3 runs of medsft fit (1 process; 2 FSDP2 processes killed; resumed): ~38 s on 2 idle cores."""
+    """3 runs of medsft fit (1 process; 2 FSDP2 processes killed; resumed), samples on: ~41 s on 2 idle cores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medsft_lightning.export import export_checkpoint
@@ -152,6 +198,18 @@ def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
     assert {**killed_rows, **rows_by_step(work / "resumed.jsonl")} == rows_by_step(tmp_path / "one/batches.jsonl")
     run = work / "runs/r/version_1"
     assert last_val_loss(run) == pytest.approx(last_val_loss(tmp_path / "one/runs/r/version_0"), abs=1e-4)
+    # Samples: both FSDP2 ranks generated in lockstep, rank zero alone wrote; the rounds (baseline + 4 validations,
+    # 2 of them before the kill) and the greedy text are the 1-process run's.
+    single, sharded = (samples(tmp_path / "one/runs/r/version_0"), samples(work / "runs/r/version_0") + samples(run))
+    keys = [(x["round"], x["step"], x["sample"]) for x in sharded]
+    assert keys == [(x["round"], x["step"], x["sample"]) for x in single] == [
+        (r, s, i) for r, s in enumerate([0, 3, 6, 9, 12]) for i in (0, 1)]
+    assert [x["raw"] for x in sharded] == [x["raw"] for x in single]
+    assert all(x["num_generated_tokens"] == 8 for x in single)
+    # gen_metrics (3 rows in batches of 2) alike; the killed run's metrics.csv was not flushed before the kill.
+    one_gen = gen_metrics(tmp_path / "one/runs/r/version_0")
+    assert sorted(one_gen) == [3, 6, 9, 12] and one_gen[9][0] > 0.1  # ROUGE-L above 0: a comparison that can fail
+    assert gen_metrics(run) == {step: one_gen[step] for step in (6, 9, 12)}
 
     # The export: plain transformers, tied head, the best checkpoint's weights exactly; and it generates.
     best = read_sharded_checkpoint(run / "checkpoints/best.ckpt")
