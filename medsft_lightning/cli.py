@@ -19,6 +19,7 @@ from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
 from medsft_lightning.predict import AnswerWriter
 from medsft_lightning.resume import AtomicCheckpointIO, checkpoint_metadata, find_last_checkpoint
+from medsft_lightning.sharding import AtomicModelParallelStrategy
 from medsft_lightning.sources import DataError
 
 EXTRA_COMMANDS = {
@@ -144,14 +145,17 @@ class MedSFTCLI(LightningCLI):
         self._restore_data_position()
         self._fsdp2_setup()
         strategy = self.trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
-            rank_zero_info("[fsdp2] checkpoints are sharded folders written in place by torch.distributed.checkpoint, "
-                           "not atomically: a kill while saving can spoil that folder (last.ckpt). "
-                           "save_distributed_checkpoint: false writes whole files atomically, gathered on rank zero.")
-        # A kill while saving must leave the previous checkpoint usable: write aside, then rename. Single-file
-        # checkpoints only: ModelParallelStrategy writes its sharded folders with torch.distributed.checkpoint,
-        # without the CheckpointIO (which then only removes old folders: recursively, as TorchCheckpointIO does).
-        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if type(strategy) is ModelParallelStrategy:
+            # The README's `--trainer.strategy ModelParallelStrategy` and multi_gpu.yaml name the plain class; the
+            # subclass only overrides save_checkpoint (no state of its own), so the built instance can take it on.
+            strategy.__class__ = AtomicModelParallelStrategy
+        if isinstance(strategy, AtomicModelParallelStrategy) and strategy._save_distributed_checkpoint:
+            rank_zero_info("[fsdp2] checkpoints are sharded folders, written beside the previous one "
+                           "(<name>.tmp-<step>) and renamed into place once every rank has written: a kill while "
+                           "saving leaves a whole checkpoint for --ckpt_path last")
+        # A kill while saving must leave the previous checkpoint usable: write aside, then rename. Single files
+        # here; sharded folders (torch.distributed.checkpoint, without the CheckpointIO) in the strategy above.
+        strategy.checkpoint_io = AtomicCheckpointIO()
         cfg = self.config[self.subcommand]
         if cfg.get("baseline_validation") and not cfg.get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule)

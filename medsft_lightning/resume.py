@@ -6,8 +6,10 @@ done; the sampler skips those on resume); the optimizer, LR scheduler and loop c
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +75,69 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def find_last_checkpoint(run_root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` in any ``<run_root>/version_*/checkpoints`` folder, or ``None``.
+    """The newest whole ``last*.ckpt`` in any ``<run_root>/version_*/checkpoints`` folder, or ``None``.
 
     A ``last*.ckpt`` may be a file or, under ModelParallelStrategy, a sharded checkpoint folder: shards
-    plus Lightning's ``meta.pt``, written last, whose time dates the folder (shards are rewritten in place,
-    which leaves the folder's own time alone).
+    plus Lightning's ``meta.pt``, written last, whose time dates the folder. A sharded save is swapped in
+    by renames (:func:`swap_in_folder`); killed between them, ``last.ckpt`` is missing and its previous
+    folder, whole, waits as ``last.ckpt.old-<step>``: that one counts instead. ``*.tmp-*`` never counts.
     """
     def stamp(path: Path) -> Path:
         return path / "meta.pt" if path.is_dir() else path
 
-    found = [p for p in Path(run_root).glob("version_*/checkpoints/last*.ckpt") if stamp(p).is_file()]
+    found = []
+    for path in Path(run_root).glob("version_*/checkpoints/last*.ckpt*"):
+        base, _, tag = path.name.partition(".ckpt")
+        if tag.startswith(".old-") and not is_whole(path.with_name(f"{base}.ckpt")):
+            tag = ""  # the previous folder, set aside by a save that never renamed its new one into place
+        if not tag and is_whole(path):
+            found.append(path)
     return max(found, key=lambda p: stamp(p).stat().st_mtime, default=None)
+
+
+def is_whole(path: Path) -> bool:
+    """A checkpoint file, or a sharded folder with its ``meta.pt`` (rank zero writes it after all shards)."""
+    return path.is_file() or (path / "meta.pt").is_file()
+
+
+def clear_leftovers(target: Path) -> None:
+    """Delete what interrupted saves of ``target`` left beside it: every ``<target>.tmp-*``, and the
+    ``<target>.old-*`` folders once ``target`` itself is whole (until then they are the fallback)."""
+    pattern = glob.escape(target.name)
+    leftovers = list(target.parent.glob(f"{pattern}.tmp-*"))
+    if is_whole(target):
+        leftovers += target.parent.glob(f"{pattern}.old-*")
+    for path in leftovers:
+        _remove(path)
+
+
+def swap_in_folder(tmp: Path, target: Path, tag: str) -> None:
+    """Put the finished checkpoint folder ``tmp`` in place of ``target``; rank zero calls it, after all
+    ranks wrote into ``tmp``.
+
+    The previous ``target`` is renamed aside to ``<target>.old-<tag>``, ``tmp`` renamed to ``target``, the
+    folder fsynced, then the old one deleted. A kill at any point leaves a whole checkpoint under
+    ``target`` or, between the two renames, under ``<target>.old-<tag>`` (:func:`find_last_checkpoint`).
+    """
+    for path in [*tmp.iterdir(), tmp]:  # the shards are fsynced by torch.distributed.checkpoint; meta.pt not
+        _fsync(path)
+    if target.exists() or target.is_symlink():
+        os.replace(target, target.with_name(f"{target.name}.old-{tag}"))
+    os.replace(tmp, target)
+    _fsync(target.parent)
+    clear_leftovers(target)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

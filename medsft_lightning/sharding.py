@@ -11,7 +11,8 @@ gen_metrics) reads the head outside that forward too: every rank decodes in lock
 :func:`unsharded_root`.
 
 Checkpoints are ``ModelParallelStrategy``'s folders (``torch.distributed.checkpoint`` shards, one file per
-rank, plus Lightning's ``meta.pt``); the helpers here read their weights back, gathered or sharded.
+rank, plus Lightning's ``meta.pt``), swapped in whole by :class:`AtomicModelParallelStrategy`; the helpers
+here read their weights back, gathered or sharded.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from medsft_lightning.lora import base_model
 from medsft_lightning.loss import chunked_cross_entropy
+from medsft_lightning.resume import clear_leftovers, swap_in_folder
 
 META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
 
@@ -104,6 +107,33 @@ def unsharded_root(root: nn.Module | None) -> Iterator[None]:
         yield
     finally:
         root.reshard()
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` whose sharded checkpoint folders replace the previous one whole.
+
+    Lightning writes a folder's shards in place: a kill while saving leaves it half old, half new. Here all
+    ranks write into ``<name>.tmp-<step>`` (the same name on every rank) and, once every rank is done, rank
+    zero swaps it in by renames (:func:`~medsft_lightning.resume.swap_in_folder`). ``medsft fit`` turns a
+    plain ``ModelParallelStrategy`` into this class (``MedSFTCLI.before_fit``). Whole-file checkpoints
+    (``save_distributed_checkpoint: false``) go unchanged through the CheckpointIO, atomic already.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        target = Path(self.broadcast(filepath))
+        step = str(checkpoint.get("global_step", 0))
+        tmp = target.with_name(f"{target.name}.tmp-{step}")
+        if self.is_global_zero:
+            clear_leftovers(target)  # what a killed earlier save of this name left
+        self.barrier("atomic_save_cleared")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("atomic_save_written")  # every rank's shards, and rank zero's meta.pt, are written
+        if self.is_global_zero:
+            swap_in_folder(tmp, target, step)
+        self.barrier("atomic_save_swapped")
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

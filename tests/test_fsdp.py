@@ -186,6 +186,7 @@ def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 4
     assert all((last / f"__{r}_0.distcp").stat().st_size > 10_000_000 for r in (0, 1))  # weights + AdamW
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # swapped in, no leftovers
 
     resumed = fit(work, env, "resumed.jsonl", 0, "--data.batch_size", "2", *FSDP2, "--ckpt_path", "last",
                   "--export", "true")
