@@ -8,7 +8,6 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from medsft_lightning.callbacks import SampleGenerations
@@ -19,7 +18,7 @@ from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
 from medsft_lightning.predict import AnswerWriter
 from medsft_lightning.resume import AtomicCheckpointIO, checkpoint_metadata, find_last_checkpoint
-from medsft_lightning.sharding import AtomicModelParallelStrategy
+from medsft_lightning.sharding import prepare_fsdp2
 from medsft_lightning.sources import DataError
 
 EXTRA_COMMANDS = {
@@ -122,17 +121,10 @@ class MedSFTCLI(LightningCLI):
             self.datamodule.load_state_dict(state)
 
     def _fsdp2_setup(self) -> None:
-        """ModelParallelStrategy (FSDP2): validate and test under ``no_grad``, not ``inference_mode``.
-
-        FSDP2 keeps each unit's all-gather buffers for its later gathers; allocated first under inference mode
-        (the baseline validation is the first forward), training cannot write them afterwards ("Inplace update
-        to inference tensor outside InferenceMode"). Lightning already does this for gloo and for FSDPStrategy,
-        not for ModelParallelStrategy on NCCL. samples and gen_metrics generate on every rank in lockstep (see
-        callbacks.py); ``medsft predict`` stays unsupported (``MedSFTModule.on_predict_start`` says so).
-        """
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+        """ModelParallelStrategy (FSDP2): the strategy's adjustments (:func:`~medsft_lightning.sharding.prepare_fsdp2`)
+        and a word on the generating callbacks, which run on every rank in lockstep (see callbacks.py)."""
+        if not prepare_fsdp2(self.trainer):
             return
-        self.trainer.validate_loop.inference_mode = self.trainer.test_loop.inference_mode = False
         generating = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, SampleGenerations)
                       or (isinstance(cb, GenerationMetrics) and cb.num_rows > 0)]
         if generating:
@@ -144,18 +136,9 @@ class MedSFTCLI(LightningCLI):
         self._resolve_last()
         self._restore_data_position()
         self._fsdp2_setup()
-        strategy = self.trainer.strategy
-        if type(strategy) is ModelParallelStrategy:
-            # The README's `--trainer.strategy ModelParallelStrategy` and multi_gpu.yaml name the plain class; the
-            # subclass only overrides save_checkpoint (no state of its own), so the built instance can take it on.
-            strategy.__class__ = AtomicModelParallelStrategy
-        if isinstance(strategy, AtomicModelParallelStrategy) and strategy._save_distributed_checkpoint:
-            rank_zero_info("[fsdp2] checkpoints are sharded folders, written beside the previous one "
-                           "(<name>.tmp-<step>) and renamed into place once every rank has written: a kill while "
-                           "saving leaves a whole checkpoint for --ckpt_path last")
         # A kill while saving must leave the previous checkpoint usable: write aside, then rename. Single files
-        # here; sharded folders (torch.distributed.checkpoint, without the CheckpointIO) in the strategy above.
-        strategy.checkpoint_io = AtomicCheckpointIO()
+        # here; sharded folders (torch.distributed.checkpoint, without the CheckpointIO) in AtomicModelParallelStrategy.
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         cfg = self.config[self.subcommand]
         if cfg.get("baseline_validation") and not cfg.get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule)

@@ -136,6 +136,31 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("atomic_save_swapped")
 
 
+def prepare_fsdp2(trainer) -> bool:
+    """Adjust a trainer whose strategy is ``ModelParallelStrategy`` (FSDP2) before fit or validate; ``False``
+    (and nothing done) for any other strategy.
+
+    - Validation and test run under ``no_grad``, not ``inference_mode``: FSDP2 keeps each unit's all-gather
+      buffers for its later gathers, and a buffer first allocated under inference mode (the baseline validation
+      is the first forward) cannot be written by training afterwards ("Inplace update to inference tensor
+      outside InferenceMode"). Lightning does this itself for gloo and FSDPStrategy, not for this strategy on NCCL.
+    - A plain ``ModelParallelStrategy`` (what the README command and multi_gpu.yaml name) becomes
+      :class:`AtomicModelParallelStrategy`: the subclass only overrides ``save_checkpoint`` and has no state of
+      its own, so the built instance can take it on without re-wiring accelerator, precision and cluster.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, ModelParallelStrategy):
+        return False
+    trainer.validate_loop.inference_mode = trainer.test_loop.inference_mode = False
+    if type(strategy) is ModelParallelStrategy:
+        strategy.__class__ = AtomicModelParallelStrategy
+    if strategy._save_distributed_checkpoint:
+        rank_zero_info("[fsdp2] checkpoints are sharded folders, written beside the previous one (<name>.tmp-<step>) "
+                       "and renamed into place once every rank has written: a kill while saving leaves a whole "
+                       "checkpoint for --ckpt_path last")
+    return True
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A ``ModelParallelStrategy`` checkpoint folder (shards + ``meta.pt``), as opposed to a ``.ckpt`` file."""
     return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
