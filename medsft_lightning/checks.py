@@ -110,6 +110,28 @@ def check_one_batch(train_rows: int, batch_size: int, devices: int) -> None:
         )
 
 
+def report_encoded(split: str, n_rows: int, encoded: Sequence[dict | None], kept: Sequence[dict], max_length: int,
+                   content: str, stats: dict) -> None:
+    """Add one split's encoding tallies to ``stats`` (``{split}_rows``, ``{split}_too_long``, …) and log them.
+
+    ``encoded`` has one entry per row (``None``: the prompt alone fills ``max_length``), ``kept`` the rows
+    trained on (after ``data.too_long=drop``), ``content`` the rows' fingerprint.
+    """
+    dropped = sum(enc is None for enc in encoded)  # the prompt alone fills max_length: nothing to supervise
+    too_long = sum(enc is None or bool(enc["truncated"]) for enc in encoded)
+    truncated = sum(bool(r["truncated"]) for r in kept)
+    tokens = sum(r["num_supervised"] for r in kept)
+    dropped_long = n_rows - len(kept) - dropped
+    stats.update({f"{split}_rows": len(kept), f"{split}_too_long": too_long, f"{split}_truncated": truncated,
+                  f"{split}_dropped_too_long": dropped_long, f"{split}_dropped": dropped,
+                  f"{split}_supervised_tokens": tokens, f"{split}_fingerprint": content})
+    rank_zero_info(
+        f"[data] {split}: {len(kept)} rows (fingerprint {content}), {tokens} supervised tokens, {too_long} longer "
+        f"than max_length={max_length} ({truncated} truncated, {dropped_long} dropped by data.too_long=drop, "
+        f"{dropped} dropped with no supervised token left)"
+    )
+
+
 def report(rows: Rows, source: str, stats: dict) -> None:
     """Log one source's notices (a few of each kind) and add its tallies to ``stats``."""
     rows.counts["bad_rows_skipped"] = rows.skipped

@@ -64,6 +64,7 @@ class MedSFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.model_revision", "data.tokenizer_revision")
         parser.link_arguments("model.cache_dir", "data.cache_dir")
         # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
         parser.set_defaults({"trainer.use_distributed_sampler": False})

@@ -8,7 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from medsft_lightning import checks, hub
 from medsft_lightning.collate import IGNORE_INDEX, pad_collate
@@ -16,8 +16,8 @@ from medsft_lightning.encoded_cache import encode_cached
 from medsft_lightning.encoding import encode_example, token_lengths
 from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.packing import PackedDataset, pack_collate, pack_rows
-from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
-from medsft_lightning.sources import DataError, Rows, data_files, fingerprint, read_rows, split_indices
+from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler, shard_rows
+from medsft_lightning.sources import DataError, Rows, fingerprint, read_rows, select_data_files, split_indices
 
 __all__ = ["MedicalDataModule", "EncodedDataset", "encode_example"]
 
@@ -50,10 +50,16 @@ class MedicalDataModule(L.LightningDataModule):
         dataset: a ModelScope dataset id, a local .jsonl/.json file or folder of them, or
             ``medsft:sample`` (the packaged offline sample).
         dataset_revision: ModelScope revision (branch, tag or commit) of ``dataset``.
+        data_files: which files of a dataset folder (``dataset``, and ``val_dataset`` when a folder) hold the
+            rows: glob patterns relative to the folder (``**`` recurses), each matching a file in every folder
+            it is applied to. ``None``: every ``.jsonl`` and ``.json`` file except hub metadata
+            (``configuration.json``, ``dataset_infos.json``, …: ``sources.HUB_METADATA_FILES``). Hidden files
+            and folders (hub cache state) are never read; a dataset given as a file is read as given.
         val_dataset: an explicit validation file/folder/id; replaces the random split when set.
         val_fraction: share of ``dataset`` held out for validation when no ``val_dataset`` is given.
         split_seed: seed of the train/validation split.
         tokenizer: the tokenizer's model id or folder (linked to ``model.model_name_or_path``).
+        tokenizer_revision: hub revision of ``tokenizer`` (linked to ``model.model_revision``).
         system_prompt: system turn of every conversation (``""`` for none).
         max_length: longest encoded row in tokens; longer rows lose the end of their answer.
         batch_size: rows per micro-batch on each device.
@@ -83,10 +89,12 @@ class MedicalDataModule(L.LightningDataModule):
         self,
         dataset: str = "krisfu/delicate_medical_r1_data",
         dataset_revision: str | None = "master",
+        data_files: list[str] | None = None,
         val_dataset: str | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 42,
         tokenizer: str = hub.TINY_MODEL,
+        tokenizer_revision: str | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_length: int = 2048,
         batch_size: int = 4,
@@ -119,13 +127,14 @@ class MedicalDataModule(L.LightningDataModule):
         hub.resolve_dataset(hp.dataset, hp.dataset_revision, hp.cache_dir)
         if hp.val_dataset:
             hub.resolve_dataset(hp.val_dataset, hp.dataset_revision, hp.cache_dir)
-        hub.resolve_model(hp.tokenizer, cache_dir=hp.cache_dir, tokenizer_only=True)
+        hub.resolve_model(hp.tokenizer, hp.tokenizer_revision, hp.cache_dir, tokenizer_only=True)
 
     def load_tokenizer(self):
         if self.tokenizer_obj is None:
             from transformers import AutoTokenizer
 
-            path = hub.resolve_model(self.hparams.tokenizer, cache_dir=self.hparams.cache_dir, tokenizer_only=True)
+            hp = self.hparams
+            path = hub.resolve_model(hp.tokenizer, hp.tokenizer_revision, hp.cache_dir, tokenizer_only=True)
             self.tokenizer_obj = AutoTokenizer.from_pretrained(path)
         return self.tokenizer_obj
 
@@ -133,7 +142,9 @@ class MedicalDataModule(L.LightningDataModule):
         """One source's rows, read and checked; its problems are collected, not raised."""
         hp = self.hparams
         skip = hp.on_bad_rows == "skip"
-        rows = read_rows(data_files(hub.resolve_dataset(name, hp.dataset_revision, hp.cache_dir)), skip_bad=skip)
+        chosen = select_data_files(hub.resolve_dataset(name, hp.dataset_revision, hp.cache_dir), hp.data_files)
+        rows = read_rows(chosen.files, skip_bad=skip)
+        rank_zero_info(f"[data] {name}: {chosen.summary(rows)}")
         checks.check_rows(rows, hp.empty_think, hp.duplicates, skip)
         if hp.too_long == "error":
             lengths = token_lengths(rows.rows, self.load_tokenizer(), system_prompt=hp.system_prompt)
@@ -196,32 +207,13 @@ class MedicalDataModule(L.LightningDataModule):
     def _encode(self, rows: Rows, split: str) -> EncodedDataset:
         content = fingerprint(rows.rows)
         hp = self.hparams
-        encoded = encode_cached(rows.rows, content, self.load_tokenizer(), hp.tokenizer, hp.system_prompt,
+        name = f"{hp.tokenizer}@{hp.tokenizer_revision}" if hp.tokenizer_revision else hp.tokenizer
+        encoded = encode_cached(rows.rows, content, self.load_tokenizer(), name, hp.system_prompt,
                                 hp.max_length, hub.medsft_cache(hp.cache_dir) / "encoded")
-        drop_long = self.hparams.too_long == "drop"
+        drop_long = hp.too_long == "drop"
         kept = [{**enc, "row_id": row_id} for row_id, enc in enumerate(encoded)
                 if enc is not None and not (drop_long and enc["truncated"])]
-        dropped = sum(enc is None for enc in encoded)  # the prompt alone fills max_length: nothing to supervise
-        too_long = sum(enc is None or bool(enc["truncated"]) for enc in encoded)
-        truncated = sum(bool(r["truncated"]) for r in kept)
-        tokens = sum(r["num_supervised"] for r in kept)
-        self.stats.update(
-            {
-                f"{split}_rows": len(kept),
-                f"{split}_too_long": too_long,
-                f"{split}_truncated": truncated,
-                f"{split}_dropped_too_long": len(rows.rows) - len(kept) - dropped,
-                f"{split}_dropped": dropped,
-                f"{split}_supervised_tokens": tokens,
-                f"{split}_fingerprint": content,
-            }
-        )
-        rank_zero_info(
-            f"[data] {split}: {len(kept)} rows (fingerprint {self.stats[f'{split}_fingerprint']}), "
-            f"{tokens} supervised tokens, {too_long} longer than max_length={self.hparams.max_length} "
-            f"({truncated} truncated, {self.stats[f'{split}_dropped_too_long']} dropped by data.too_long=drop, "
-            f"{dropped} dropped with no supervised token left)"
-        )
+        checks.report_encoded(split, len(rows.rows), encoded, kept, hp.max_length, content, self.stats)
         if not kept:
             raise ValueError(f"data: no trainable {split} row left at data.max_length={self.hparams.max_length}")
         return EncodedDataset(kept)
@@ -291,6 +283,10 @@ class MedicalDataModule(L.LightningDataModule):
         return DataLoader(items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+        """Rank r of W validates rows r, r+W, …, padded so that every rank runs the same number of batches."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        shard = shard_rows(len(self.val_set), world, rank)
+        return DataLoader(Subset(self.val_set, shard), batch_size=self.hparams.batch_size, shuffle=False,
                           collate_fn=self._collate, num_workers=self.hparams.num_workers)
 

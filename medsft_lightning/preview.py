@@ -20,7 +20,8 @@ from medsft_lightning import hub
 from medsft_lightning.checks import COUNT_KEYS
 from medsft_lightning.collate import IGNORE_INDEX
 
-LINKED = {"tokenizer": "model_name_or_path", "cache_dir": "cache_dir"}  # data.X <- model.Y, as in the CLI
+# data.X <- model.Y, as in the CLI
+LINKED = {"tokenizer": "model_name_or_path", "tokenizer_revision": "model_revision", "cache_dir": "cache_dir"}
 STYLES = {"masked": ("\033[2m", "\033[0m"), "train": ("\033[32m", "\033[0m")}
 
 
@@ -36,6 +37,7 @@ def build_parser():
     parser.add_argument("--color", type=str, choices=["auto", "always", "never"], default="auto",
                         help="colour the masked/trained segments (auto: when stdout is a terminal)")
     parser.add_argument("--model.model_name_or_path", type=str, default=hub.TINY_MODEL, help="its tokenizer is used")
+    parser.add_argument("--model.model_revision", type=str | None, default=None, help="hub revision of the model")
     parser.add_argument("--model.cache_dir", type=str | None, default=None, help="download cache")
     parser.add_class_arguments(MedicalDataModule, "data", skip=set(LINKED))
     return parser

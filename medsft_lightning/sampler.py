@@ -125,3 +125,14 @@ class WindowBatchSampler:
     def __len__(self) -> int:
         per_rank = -(-len(self.num_supervised) // self.num_replicas)
         return -(-per_rank // self.batch_size)
+
+
+def shard_rows(n: int, num_replicas: int = 1, rank: int = 0) -> list[int]:
+    """This rank's share of ``n`` evaluation rows: rows ``rank``, ``rank + W``, … padded with ``PAD_INDEX``.
+
+    Every rank gets ``ceil(n / W)`` slots, so every rank runs the same number of batches (under FSDP2 a
+    forward is a collective of all ranks: unequal counts would hang). A padded slot supervises no token, so
+    token-weighted means over the ranks stay exact.
+    """
+    mine = list(range(rank, n, num_replicas))
+    return mine + [PAD_INDEX] * (-(-n // num_replicas) - len(mine))

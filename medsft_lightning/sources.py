@@ -1,4 +1,4 @@
-"""Reading and checking source rows from .jsonl/.json files, splitting and fingerprinting them.
+"""Choosing a source's data files, reading and checking their rows, splitting and fingerprinting them.
 
 Rows are read line by line by us (not by pyarrow) so that every problem can be reported as
 ``file:line: field: what is wrong``. Lines end at ``\n``, ``\r\n`` or a lone ``\r`` (a JSON string cannot
@@ -23,6 +23,17 @@ MAX_LISTED_PROBLEMS = 20
 BOM = "\ufeff"
 _EOL = re.compile(rb"\r\n|\r|\n")
 _EOL_NAMES = {b"\r\n": "CRLF", b"\n": "LF", b"\r": "CR"}
+DATA_SUFFIXES = (".jsonl", ".json")
+MAX_LISTED_FILES = 20
+# JSON files that hub repositories and `datasets` keep beside the rows; never rows, skipped by default:
+HUB_METADATA_FILES = (
+    "configuration.json",  # every ModelScope repo: framework and task
+    "dataset_infos.json",  # ModelScope/Hugging Face dataset card: features and split sizes per config
+    "dataset_info.json",  # datasets.save_to_disk and the Arrow cache: features, splits, checksums
+    "dataset_dict.json",  # datasets.DatasetDict.save_to_disk: the split names
+    "state.json",  # datasets.save_to_disk: the Arrow shards and fingerprint
+    "croissant.json",  # Croissant (ML Commons) dataset metadata, as exported by HF and Kaggle
+)
 
 
 class DataError(ValueError):
@@ -44,6 +55,7 @@ class Rows:
     skipped: int = 0
     notices: list[tuple[str, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    file_rows: dict[Path, int] = field(default_factory=dict)  # good rows read from each file
 
     def keep_only(self, keep: Sequence[bool]) -> None:
         """Drop, in place, the rows whose ``keep`` flag is false."""
@@ -62,14 +74,73 @@ class Rows:
         )
 
 
-def data_files(path: Path) -> list[Path]:
-    """The .jsonl/.json files of a file or folder (recursively, sorted)."""
+@dataclass
+class DataFiles:
+    """One source's files: ``files`` are read as rows, ``metadata`` (hub metadata) passed over."""
+
+    root: Path
+    files: list[Path]
+    metadata: list[Path] = field(default_factory=list)
+
+    def summary(self, rows: Rows) -> str:
+        """``read a.jsonl (2,407 rows); skipped as hub metadata: configuration.json`` (names relative to ``root``)."""
+        read = ", ".join(f"{f.relative_to(self.root).as_posix()} ({rows.file_rows.get(f, 0):,} rows)"
+                         for f in self.files)
+        skipped = ", ".join(f.relative_to(self.root).as_posix() for f in self.metadata)
+        return f"read {read}" + (f"; skipped as hub metadata: {skipped}" if skipped else "")
+
+
+def _hidden(file: Path, root: Path) -> bool:
+    """Under a hidden file or folder of ``root`` (ModelScope's ``.mdl``/``.msc``/``.mv``, ``._____temp/``, ``.git``)."""
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def _listing(files: Sequence[Path], root: Path) -> str:
+    names = [f.relative_to(root).as_posix() for f in files[:MAX_LISTED_FILES]]
+    more = f", … and {len(files) - MAX_LISTED_FILES} more" if len(files) > MAX_LISTED_FILES else ""
+    return ", ".join(names) + more if names else "no visible file"
+
+
+def select_data_files(path: Path, patterns: Sequence[str] | None = None) -> DataFiles:
+    """The files of a dataset file or folder to read as rows (``data.data_files``).
+
+    A file is read as given. In a folder, ``patterns`` are globs relative to it (``**`` recurses); ``None``
+    takes every ``.jsonl`` and ``.json`` file at any depth except hub metadata (``HUB_METADATA_FILES``).
+    Files under hidden files or folders (hub cache state, partial downloads) are never read.
+    """
     if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".jsonl", ".json"} and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{path}: folder holds no .jsonl or .json file")
-    return files
+        return DataFiles(path.parent, [path])
+    visible = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+    if patterns is None:
+        data = [p for p in visible if p.suffix in DATA_SUFFIXES]
+        files = [p for p in data if p.name not in HUB_METADATA_FILES]
+        metadata = [p for p in data if p.name in HUB_METADATA_FILES]
+        if not files:
+            besides = f" besides hub metadata ({_listing(metadata, path)})" if metadata else ""
+            raise FileNotFoundError(
+                f"{path}: folder holds no .jsonl or .json data file{besides}; it holds: {_listing(visible, path)}. "
+                "Set data.data_files to the files to read (glob patterns relative to the folder, e.g. "
+                "['train/*.jsonl'])."
+            )
+        return DataFiles(path, files, metadata)
+    chosen: set[Path] = set()
+    for pattern in patterns:
+        if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise ValueError(f"data.data_files: {pattern!r} is not a glob pattern relative to the folder {path}")
+        matched = [p for p in path.glob(pattern) if p.is_file() and not _hidden(p, path)]
+        if not matched:
+            raise FileNotFoundError(
+                f"data.data_files: {pattern!r} matches no file in {path} (it holds: {_listing(visible, path)})")
+        chosen.update(matched)
+    if wrong := sorted(p for p in chosen if p.suffix not in DATA_SUFFIXES):
+        raise ValueError(f"data.data_files={list(patterns)!r}: {_listing(wrong, path)} in {path}: "
+                         "not a .jsonl or .json file")
+    return DataFiles(path, sorted(chosen))
+
+
+def data_files(path: Path, patterns: Sequence[str] | None = None) -> list[Path]:
+    """The files of a file or folder to read as rows (sorted); see :func:`select_data_files`."""
+    return select_data_files(path, patterns).files
 
 
 def _check_row(obj: object) -> list[str]:
@@ -161,6 +232,7 @@ def read_rows(files: Sequence[Path], skip_bad: bool = False) -> Rows:
         records = read_records(file, notices)
         out.counts.update(kind for kind, _ in notices)
         out.notices.extend(notices)
+        out.file_rows[file] = 0
         for index, (number, obj) in enumerate(records):
             where = f"{file}:{number}" if number else f"{file}[{index}]"
             problems = [obj] if isinstance(obj, str) else _check_row(obj)
@@ -172,6 +244,7 @@ def read_rows(files: Sequence[Path], skip_bad: bool = False) -> Rows:
                 continue
             out.rows.append({name: obj[name] for name in REQUIRED_FIELDS})
             out.where.append(where)
+            out.file_rows[file] += 1
     return out
 
 

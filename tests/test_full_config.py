@@ -19,7 +19,7 @@ def test_full_config_setup_with_downloads_replaced(tmp_path, monkeypatch, tiny_d
     dataset_dir.mkdir()
     shutil.copy(hub.sample_dataset_path(), dataset_dir / "train.jsonl")
 
-    def fake_model(model_id, revision, cache_dir, allow_patterns=None):
+    def fake_model(model_id, revision, cache_dir, allow_patterns=None, local_files_only=False):
         calls.append(("model", model_id, revision))
         return str(tiny_dir)
 
@@ -51,3 +51,23 @@ def test_full_config_setup_with_downloads_replaced(tmp_path, monkeypatch, tiny_d
     assert batch["input_ids"].shape[1] % 8 == 0  # pad_to_multiple_of: 8
     loss_sum, n_tokens, _ = model(batch)
     assert n_tokens > 0 and torch.isfinite(loss_sum)
+
+
+def test_the_tokenizer_is_downloaded_at_the_model_revision(tmp_path, monkeypatch, tiny_dir):
+    calls = []
+
+    def fake_model(model_id, revision, cache_dir, allow_patterns=None, local_files_only=False):
+        calls.append((model_id, revision, cache_dir, allow_patterns))
+        return str(tiny_dir)
+
+    monkeypatch.setattr(hub, "download_model", fake_model)
+    monkeypatch.setattr(hub, "download_dataset", lambda dataset_id, revision, cache_dir: str(hub.sample_dataset_path()))
+    monkeypatch.chdir(tmp_path)
+    cli = MedSFTCLI(args=["--config", str(REPO / "configs" / "full.yaml"), "--trainer.accelerator", "cpu",
+                          "--trainer.precision", "32-true", "--model.model_revision", "v1.0",
+                          "--model.cache_dir", str(tmp_path / "cache")], run=False)
+    dm = cli.datamodule
+    assert dm.hparams.tokenizer_revision == "v1.0"  # linked from model.model_revision
+    dm.prepare_data()
+    dm.load_tokenizer()
+    assert calls == [("Qwen/Qwen3-1.7B", "v1.0", str(tmp_path / "cache"), hub.TOKENIZER_FILES)] * 2

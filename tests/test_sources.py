@@ -66,3 +66,61 @@ def test_json_array_rows_are_named_by_their_index_in_their_own_file(tmp_path):
     rows = read_rows(data_files(tmp_path))
     assert rows.where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:2", f"{tmp_path / 'b.json'}[0]"]
     assert rows.problems == [f"{tmp_path / 'b.json'}[1]: question: expected a string, got int"]
+
+
+def fake_snapshot(folder, n_rows: int = 5):
+    """A ModelScope dataset snapshot as `krisfu/delicate_medical_r1_data` has it: rows beside hub metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "r1_data_example.jsonl", make_rows(n_rows))
+    (folder / "dataset_infos.json").write_text(json.dumps(
+        {"default": {"features": {"question": {"dtype": "string"}}, "splits": {"train": {"num_examples": n_rows}}}}))
+    (folder / "configuration.json").write_text(json.dumps({"framework": "other", "task": "text-generation"}))
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# delicate medical r1 data\n")
+    (folder / ".gitattributes").write_text("*.jsonl filter=lfs diff=lfs merge=lfs -text\n")
+    for hidden in (".mdl", ".msc", ".mv"):  # ModelScope's own cache state
+        (folder / hidden).write_bytes(b"\x80\x04binary")
+    (folder / "._____temp").mkdir(exist_ok=True)
+    (folder / "._____temp" / "r1_data_example.jsonl").write_text('{"question": "half a downl')  # partial download
+    return folder
+
+
+def test_default_data_files_skip_hub_metadata_and_hidden_files(tmp_path):
+    folder = fake_snapshot(tmp_path / "snapshot")
+    assert data_files(folder) == [folder / "r1_data_example.jsonl"]
+    from medsft_lightning.sources import select_data_files
+
+    chosen = select_data_files(folder)
+    assert chosen.metadata == [folder / "configuration.json", folder / "dataset_infos.json"]
+    rows = read_rows(chosen.files)
+    assert len(rows.rows) == 5 and not rows.problems
+    assert chosen.summary(rows) == ("read r1_data_example.jsonl (5 rows); "
+                                    "skipped as hub metadata: configuration.json, dataset_infos.json")
+    # Only metadata left: the error names the folder, what it holds and the option to set.
+    (folder / "r1_data_example.jsonl").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        data_files(folder)
+    assert str(err.value) == (
+        f"{folder}: folder holds no .jsonl or .json data file besides hub metadata (configuration.json, "
+        "dataset_infos.json); it holds: README.md, configuration.json, dataset_infos.json. Set data.data_files to "
+        "the files to read (glob patterns relative to the folder, e.g. ['train/*.jsonl']).")
+
+
+def test_data_files_patterns_choose_the_files_and_name_the_option_when_wrong(tmp_path):
+    folder = fake_snapshot(tmp_path / "snapshot")
+    write_jsonl(folder / "train" / "part-0.jsonl", make_rows(2))
+    write_jsonl(folder / "train" / "part-1.jsonl", make_rows(3))
+    assert data_files(folder, ["train/*.jsonl"]) == [folder / "train/part-0.jsonl", folder / "train/part-1.jsonl"]
+    assert data_files(folder, ["**/*.jsonl"]) == [folder / "r1_data_example.jsonl", folder / "train/part-0.jsonl",
+                                                  folder / "train/part-1.jsonl"]  # never under ._____temp/
+    assert data_files(folder, ["configuration.json"]) == [folder / "configuration.json"]  # asked for: read
+    with pytest.raises(FileNotFoundError) as err:
+        data_files(folder, ["*.jsonl", "test/*.jsonl"])
+    assert str(err.value) == (
+        f"data.data_files: 'test/*.jsonl' matches no file in {folder} (it holds: README.md, configuration.json, "
+        "dataset_infos.json, r1_data_example.jsonl, train/part-0.jsonl, train/part-1.jsonl)")
+    with pytest.raises(ValueError, match=r"data.data_files=\['\*.md'\]: README.md in .*: not a .jsonl or .json"):
+        data_files(folder, ["*.md"])
+    with pytest.raises(ValueError, match="not a glob pattern relative to the folder"):
+        data_files(folder, [str(folder / "*.jsonl")])
+    # A single file is read as given, whatever its name.
+    assert data_files(folder / "configuration.json", ["train/*.jsonl"]) == [folder / "configuration.json"]
