@@ -16,6 +16,7 @@ from medsft_lightning.encoding import TemplateError
 from medsft_lightning.genmetrics import GenerationMetrics
 from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
+from medsft_lightning.packing import ROW_MASK_ATTENTION
 from medsft_lightning.predict import AnswerWriter
 from medsft_lightning.resume import AtomicCheckpointIO, checkpoint_metadata, find_last_checkpoint
 from medsft_lightning.sharding import prepare_fsdp2
@@ -48,6 +49,10 @@ def check_config(cfg) -> list[str]:
          "use a fraction strictly between 0 and 1")
     need(model.get("learning_rate", 1) > 0, "model.learning_rate", model.get("learning_rate"), "use a positive LR")
     need(0 <= model.get("warmup_ratio", 0) < 1, "model.warmup_ratio", model.get("warmup_ratio"), "use [0, 1)")
+    attn = str(model.get("attn_implementation", "sdpa"))
+    need(data.get("batching") != "pack" or attn in ROW_MASK_ATTENTION or "flash" in attn,
+         "model.attn_implementation", attn, "data.batching=pack needs sdpa, eager, flex_attention or a flash-attention "
+         "implementation (the others would let packed examples see each other); or use data.batching=group_by_length")
     precision = str(trainer.get("precision"))
     need(not (trainer.get("accelerator") == "cpu" and precision.startswith(("bf16", "16"))),
          "trainer.precision", precision,

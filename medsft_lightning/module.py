@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from medsft_lightning import hub
 from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.lora import LoraSettings, apply_lora, base_model
+from medsft_lightning.packing import packed_model_inputs
 from medsft_lightning.resume import restore_rng, rng_state
 from medsft_lightning.sharding import lm_loss, shard_causal_lm
 
@@ -123,14 +124,13 @@ class MedSFTModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss_sum, num_supervised, num_correct)`` of a batch, from hidden states in LM-head chunks."""
-        if "position_ids" in batch:  # packed rows: position restarts mark example boundaries (see packing.py)
-            inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
-        else:
-            inputs = {"attention_mask": batch["attention_mask"]}
-        if self.fsdp_root is not None:  # FSDP2: the loss must run inside the root unit's forward (see sharding.py)
-            return self.fsdp_root(batch["input_ids"], batch["labels"], self.hparams.loss_chunk_size, **inputs)
         lm = base_model(self.model)  # under LoRA the adapters live inside the base model's layers
-        return lm_loss(lm, batch["input_ids"], batch["labels"], self.hparams.loss_chunk_size, **inputs)
+        # Packed rows (position restarts mark example boundaries) in the layout this model's attention reads as
+        # packed: [batch, L] for sdpa/eager, one flat row with cu_seq_lens for flash-attention (see packing.py).
+        input_ids, labels, inputs = packed_model_inputs(batch, lm.config._attn_implementation)
+        if self.fsdp_root is not None:  # FSDP2: the loss must run inside the root unit's forward (see sharding.py)
+            return self.fsdp_root(input_ids, labels, self.hparams.loss_chunk_size, **inputs)
+        return lm_loss(lm, input_ids, labels, self.hparams.loss_chunk_size, **inputs)
 
     # -- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
