@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from medsft_lightning import hub
+from medsft_lightning import hub, optim
 from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.lora import LoraSettings, apply_lora, base_model
 from medsft_lightning.packing import packed_model_inputs
@@ -66,6 +66,11 @@ class MedSFTModule(L.LightningModule):
             update (single process only: under DDP the other ranks would wait for it).
         fused_adamw: use PyTorch's fused AdamW kernel (one kernel per step, no per-parameter temporaries;
             ``None``: on for CUDA and CPU, off elsewhere). On the tiny CPU model it is 6x faster than foreach.
+            Not used with Kahan summation.
+        kahan_summation: Kahan-compensated AdamW updates (torch-optimi), so that updates smaller than a bf16
+            weight's resolution are not rounded away (see ``optim.py``); +2 B/param of optimizer state.
+            ``None``: on exactly when the weights are bf16/fp16 (``bf16-true``), off for fp32 weights;
+            ``false``: plain AdamW on bf16 weights (most updates at lr 1e-5 are lost).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class MedSFTModule(L.LightningModule):
         fused_adamw: bool | None = None,
         on_nonfinite_loss: Literal["error", "skip"] = "error",
         lora: LoraSettings | None = None,
+        kahan_summation: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -231,11 +237,15 @@ class MedSFTModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
+        kahan = optim.use_kahan(hp.kahan_summation, decay + no_decay)
+        optimizer = optim.adamw(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, betas=tuple(hp.betas),
+            lr=hp.learning_rate, betas=tuple(hp.betas), kahan=kahan,
             fused=hp.fused_adamw if hp.fused_adamw is not None else self.device.type in ("cuda", "cpu"),
         )
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in decay + no_decay})
+        rank_zero_info(f"[optim] AdamW on {'/'.join(dtypes)} weights, "
+                       + ("Kahan-compensated updates (torch-optimi; +2 B/param)" if kahan else "plain updates"))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
