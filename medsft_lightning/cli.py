@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from medsft_lightning.loggers import MedSwanLabLogger
 from medsft_lightning.module import MedSFTModule
 from medsft_lightning.packing import ROW_MASK_ATTENTION
 from medsft_lightning.predict import AnswerWriter
-from medsft_lightning.resume import AtomicCheckpointIO, checkpoint_metadata, find_last_checkpoint
+from medsft_lightning.resume import (
+    AtomicCheckpointIO,
+    UnsafeCheckpointError,
+    checkpoint_metadata,
+    find_last_checkpoint,
+)
 from medsft_lightning.sharding import prepare_fsdp2
 from medsft_lightning.sources import DataError
 
@@ -49,6 +55,17 @@ def check_config(cfg) -> list[str]:
          "use a fraction strictly between 0 and 1")
     need(model.get("learning_rate", 1) > 0, "model.learning_rate", model.get("learning_rate"), "use a positive LR")
     need(0 <= model.get("warmup_ratio", 0) < 1, "model.warmup_ratio", model.get("warmup_ratio"), "use [0, 1)")
+    accumulate, every = trainer.get("accumulate_grad_batches") or 1, trainer.get("val_check_interval")
+    if isinstance(every, int) and not isinstance(every, bool) and accumulate > 1 and every % accumulate:
+        need(False, "trainer.val_check_interval", every,
+             f"validation (and the last.ckpt it writes) would land inside an accumulation window of {accumulate} "
+             f"micro-batches; use a multiple of accumulate_grad_batches, e.g. "
+             f"{max(accumulate, every // accumulate * accumulate)}, or a fraction of the epoch (rounded for you)")
+    need(not (isinstance(every, str) and accumulate > 1), "trainer.val_check_interval", every,
+         "a time-based interval validates (and checkpoints) between micro-batches; with accumulate_grad_batches > 1 "
+         "use a fraction of the epoch or a number of micro-batches")
+    need(cfg.get("weights_only") is not False, "weights_only", False,
+         "medsft loads checkpoints with torch.load(weights_only=True) only, so that a checkpoint cannot run code")
     attn = str(model.get("attn_implementation", "sdpa"))
     need(data.get("batching") != "pack" or attn in ROW_MASK_ATTENTION or "flash" in attn,
          "model.attn_implementation", attn, "data.batching=pack needs sdpa, eager, flex_attention or a flash-attention "
@@ -84,6 +101,51 @@ class MedSFTCLI(LightningCLI):
             "--baseline_validation", type=bool, default=True,
             help="fit: validate once before the first step, so metrics.csv starts from the untrained model",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._argv = args  # kept for _parse_ckpt_path's second parse
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's saved ``model`` hyperparameters become defaults; the config files and flags win.
+
+        LightningCLI itself parses them *over* the config, so ``predict --ckpt_path best.ckpt
+        --model.generation.max_new_tokens 2048`` would decode with the saved value and ``fit --ckpt_path last
+        --model.learning_rate …`` would keep the old LR. Here the arguments are parsed again with the saved
+        values as defaults (a checkpoint still supplies what the command line leaves out, e.g. the model), and
+        every value that differs from the checkpoint's is logged.
+        """
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path or not (Path(path).is_file() or (Path(path) / "meta.pt").is_file()):
+            return
+        saved = {k: v for k, v in (checkpoint_metadata(path).get("hyper_parameters") or {}).items()
+                 if not k.startswith("_")}
+        if not saved:
+            return
+        subparser, unknown = self.parser._subcommands_action._name_parser_map[sub], []
+        for key, value in saved.items():
+            try:
+                subparser.set_defaults({f"model.{key}": value})
+            except KeyError:  # an option this version no longer has
+                unknown.append(key)
+        if unknown:
+            rank_zero_info(f"[ckpt] {path}: saved hyperparameters that are no options now, ignored: {unknown}")
+        self.parse_arguments(self.parser, self._argv)
+        model = self.config[sub]["model"]
+        for key, old in saved.items():
+            if key in unknown:
+                continue
+            new = _plain(model.get(key))
+            if new != _plain(old):
+                rank_zero_info(f"[ckpt] model.{key}: {new!r} from your config/flags, not the checkpoint's "
+                               f"{_plain(old)!r}")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = True  # Lightning's own load of --ckpt_path: tensors and plain values only
+        return kwargs
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -173,6 +235,15 @@ class MedSFTCLI(LightningCLI):
     before_test = before_predict = before_validate
 
 
+def _plain(value):
+    """A parsed value (jsonargparse Namespace, tuple) as plain dicts and lists, to compare with a checkpoint's."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """Console entry point."""
     argv = sys.argv[1:] if args is None else args
@@ -184,8 +255,11 @@ def cli_main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         MedSFTCLI(args=argv)
-    except (ConfigError, DataError, TemplateError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TemplateError, FileNotFoundError, UnsafeCheckpointError) as err:
         sys.exit(f"medsft: error: {err}")
+    except pickle.UnpicklingError as err:  # Lightning's own load of --ckpt_path (weights_only=True) refused it
+        sys.exit(f"medsft: error: {UnsafeCheckpointError.__name__}: the checkpoint holds objects other than tensors "
+                 f"and plain values, and loading it could run code: refused ({str(err).splitlines()[0]})")
     close_process_groups()
 
 

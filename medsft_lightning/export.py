@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+
+from medsft_lightning.resume import UnsafeCheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +21,9 @@ def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
 
     Written to a temporary sibling folder and renamed, so ``out_dir`` is never half-written. A LoRA
     (peft) model is saved twice: the bare adapter in ``out_dir/adapter`` and, merged into the base
-    weights (in place), as the plain model that ``AutoModelForCausalLM.from_pretrained`` loads.
+    weights (in place), as the plain model that ``AutoModelForCausalLM.from_pretrained`` loads. The
+    weights keep their dtype (a ``bf16-true`` run exports bf16), and ``config.json`` names it both as
+    ``dtype`` (transformers 5) and ``torch_dtype`` (what older transformers and tools built on them read).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -30,20 +37,39 @@ def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
     model.config.use_cache = True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _name_dtype(tmp / "config.json", next(model.parameters()).dtype)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     logger.info("[export] wrote %s", out)
     return out
 
 
+def _name_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def skeleton(config, dtype: torch.dtype):
+    """A causal LM of ``config`` in ``dtype`` with no weights initialised (every one is loaded afterwards), its
+    tied LM head tied."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # skip the random init (minutes for billions of weights)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    model.tie_weights()  # no_init_weights skips the tying too
+    return model
+
+
 def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """A ``.ckpt`` file, or a sharded checkpoint folder (ModelParallelStrategy) with its weights gathered in
-    this process (optimizer shards not read)."""
+    """A ``.ckpt`` file (``weights_only=True``, memory-mapped), or a sharded checkpoint folder (ModelParallelStrategy)
+    with its weights gathered in this process (optimizer shards not read)."""
     from medsft_lightning.sharding import is_sharded_checkpoint, read_sharded_checkpoint
 
     if is_sharded_checkpoint(ckpt_path):
         return read_sharded_checkpoint(ckpt_path)
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return load_checkpoint_file(ckpt_path)
 
 
 def load_checkpoint_weights(module, ckpt_path: str | Path) -> None:
@@ -75,19 +101,33 @@ def export_sharded(trainer, module, ckpt_path: str, out_dir: str | Path) -> Path
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Export any ``medsft`` checkpoint to ``out_dir`` as a Hugging Face folder."""
-    from transformers import AutoTokenizer
+    """Export any ``medsft`` checkpoint to ``out_dir`` as a Hugging Face folder, in the checkpoint's dtype.
+
+    The checkpoint holds every weight, so the base model contributes only its ``config.json``, generation
+    config and tokenizer: taken from a local folder, medsft's tiny model, or the hub's download cache, and
+    downloaded (without weights) only when not cached.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from medsft_lightning import hub
-    from medsft_lightning.module import MedSFTModule
+    from medsft_lightning.lora import LoraSettings, apply_lora
 
     checkpoint = read_checkpoint(ckpt_path)
-    hparams = checkpoint["hyper_parameters"]
-    module = MedSFTModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-    module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"])  # strict: a key mismatch must fail
-    source = hub.resolve_model(hparams["model_name_or_path"], cache_dir=hparams.get("cache_dir"), tokenizer_only=True)
-    return save_hf(module.model, AutoTokenizer.from_pretrained(source), out_dir)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    source = hub.resolve_model(hparams["model_name_or_path"], revision=hparams.get("model_revision"),
+                               cache_dir=hparams.get("cache_dir"), tokenizer_only=True, local_first=True)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    dtype = max(set(floats), key=floats.count)  # the training dtype (bf16 for bf16-true)
+    model = skeleton(AutoConfig.from_pretrained(source), dtype)
+    if (Path(source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    if hparams.get("lora"):
+        lora = hparams["lora"]
+        model = apply_lora(model, LoraSettings(**lora) if isinstance(lora, dict) else lora)
+    model.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
+    logger.info("[export] %s: %d weights in %s (%s)", ckpt_path, len(state), dtype, hparams["model_name_or_path"])
+    return save_hf(model, AutoTokenizer.from_pretrained(source), out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,4 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write (loadable by AutoModelForCausalLM.from_pretrained)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export_checkpoint(args.ckpt, args.out_dir)
+    try:
+        export_checkpoint(args.ckpt, args.out_dir)
+    except (UnsafeCheckpointError, FileNotFoundError) as err:
+        sys.exit(f"medsft export: error: {err}")

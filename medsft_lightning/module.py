@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Literal
@@ -15,7 +16,7 @@ from medsft_lightning import hub, optim
 from medsft_lightning.generate import Generation, generate_batch
 from medsft_lightning.lora import LoraSettings, apply_lora, base_model
 from medsft_lightning.packing import packed_model_inputs
-from medsft_lightning.resume import restore_rng, rng_state
+from medsft_lightning.resume import align_val_check, restore_rng, rng_state, sync_optimizer_hparams
 from medsft_lightning.sharding import lm_loss, shard_causal_lm
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
@@ -27,6 +28,17 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _as(cls: type, value):
+    """``value`` as a ``cls`` dataclass: a dict's keys become its fields; ``None`` and instances pass through."""
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+    return value
 
 
 def own_aligned_memory(model: torch.nn.Module) -> None:
@@ -94,11 +106,17 @@ class MedSFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Nested settings arrive as dataclasses (Python) or dicts (LightningCLI's saved config, a checkpoint's
+        # hyper_parameters): objects here, plain dicts in hparams, so every checkpoint loads with weights_only=True.
+        self.generation = _as(Generation, generation) or Generation()
+        self.lora = _as(LoraSettings, lora)
+        for key, value in (("generation", generation), ("lora", lora)):
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
         self.model = None
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self._step_started: float | None = None
-        self.generation = generation or Generation()
         self.nonfinite_skipped = 0
         # ModelParallelStrategy (FSDP2): the sharded root unit around self.model (sharding.LossRoot). Kept out of
         # the registered submodules: its parameters are self.model's, under the same state-dict names.
@@ -120,8 +138,8 @@ class MedSFTModule(L.LightningModule):
         self.model.config.use_cache = False
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.lora is not None:
-            self.model = apply_lora(self.model, hp.lora)
+        if self.lora is not None:
+            self.model = apply_lora(self.model, self.lora)
         if self.device_mesh is not None:  # only ModelParallelStrategy sets a device mesh
             object.__setattr__(self, "fsdp_root", shard_causal_lm(self.model, self.device_mesh))
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -139,6 +157,21 @@ class MedSFTModule(L.LightningModule):
         return lm_loss(lm, input_ids, labels, self.hparams.loss_chunk_size, **inputs)
 
     # -- training ----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        hp = self.hparams
+        for optimizer, config in zip(self.trainer.optimizers, self.trainer.lr_scheduler_configs or [None]):
+            changed = sync_optimizer_hparams(optimizer, config.scheduler if config else None, hp.learning_rate,
+                                             tuple(hp.betas), [hp.weight_decay, 0.0])
+            if changed:
+                rank_zero_info("[resume] the checkpoint's optimizer had other settings; the config's apply: "
+                               + ", ".join(changed))
+        self.on_train_epoch_start()
+
+    def on_train_epoch_start(self) -> None:
+        note = align_val_check(self.trainer)  # the interval is recomputed whenever the train dataloader reloads
+        if note:
+            rank_zero_info(note)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 

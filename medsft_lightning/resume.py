@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -58,6 +59,25 @@ def restore_rng(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain values: refused, since loading it could run code."""
+
+
+def load_checkpoint_file(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """``torch.load`` a checkpoint a user handed us: ``weights_only=True`` (only tensors and plain Python values
+    are unpickled, so a crafted file cannot run code) and memory-mapped (a 10 GB checkpoint with its AdamW states
+    is not read into RAM to take the weights: only the tensors used are paged in)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain Python values ({first}). "
+            "medsft reads every checkpoint with torch.load(weights_only=True) so that a file cannot run code; "
+            "checkpoints written by medsft load this way. If you wrote this file yourself and trust it, save its "
+            "state_dict and hyper_parameters as plain values") from None
+
+
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """What a checkpoint holds besides weights and optimizer states (loops, callbacks, DataModule state, …).
 
@@ -65,9 +85,54 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     not read.
     """
     path = Path(path)
-    if path.is_dir():
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return load_checkpoint_file(path / "meta.pt" if path.is_dir() else path)
+
+
+def sync_optimizer_hparams(optimizer, scheduler, lr: float, betas: tuple[float, float],
+                           weight_decays: list[float]) -> list[str]:
+    """Put the configured LR, betas and weight decay into an optimizer and LambdaLR restored from a checkpoint.
+
+    Lightning restores the checkpoint's optimizer param groups (``lr``, ``initial_lr``, ``betas``,
+    ``weight_decay``) and the scheduler's ``base_lrs``, so a resumed fit would keep the old values whatever
+    the config says. Returns what changed, as ``"name: old → new"`` (nothing for a fresh run).
+    """
+    changes = []
+    for group, decay in zip(optimizer.param_groups, weight_decays):
+        settings = (("initial_lr", lr), ("betas", tuple(betas)), ("beta1", betas[0]), ("beta2", betas[1]),
+                    ("weight_decay", decay))  # torch keeps "betas", torch-optimi "beta1"/"beta2"
+        for key, value in settings:
+            old = group.get(key)
+            old = tuple(old) if isinstance(old, list) else old
+            if key in group and old != value:
+                changes.append(f"{key}: {old} → {value}")
+                group[key] = value
+    if scheduler is not None and list(scheduler.base_lrs) != [lr] * len(scheduler.base_lrs):
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = lr * lam(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return sorted(set(changes))
+
+
+def align_val_check(trainer) -> str | None:
+    """Move a within-epoch validation interval onto optimizer-step boundaries; a note when it moved it.
+
+    Validation writes ``last.ckpt``. With ``val_check_interval`` 0.25, 542 micro-batches and
+    ``accumulate_grad_batches`` 2, Lightning validates every 135 micro-batches, so every other checkpoint
+    would land between the two micro-batches of a step (their accumulated gradient is not saved: a resume
+    from it is not exact). The interval is rounded down to a multiple of the accumulation (at least one
+    step), which keeps the number of validations per epoch. An interval that ends at the epoch's last
+    batch is a boundary already (Lightning steps there).
+    """
+    every, accumulate = trainer.val_check_batch, trainer.accumulate_grad_batches
+    if not isinstance(every, int) or accumulate <= 1 or every % accumulate == 0:
+        return None
+    if every == trainer.num_training_batches:
+        return None
+    trainer.val_check_batch = max(accumulate, every // accumulate * accumulate)
+    return (f"[resume] validation (and its last.ckpt) every {trainer.val_check_batch} micro-batches instead of "
+            f"{every}: a multiple of accumulate_grad_batches={accumulate}, so every checkpoint lands on an "
+            "optimizer-step boundary")
 
 
 def find_last_checkpoint(run_root: Path) -> Path | None:

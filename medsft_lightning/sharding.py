@@ -30,7 +30,7 @@ from torch import nn
 
 from medsft_lightning.lora import base_model
 from medsft_lightning.loss import chunked_cross_entropy
-from medsft_lightning.resume import clear_leftovers, swap_in_folder
+from medsft_lightning.resume import clear_leftovers, load_checkpoint_file, swap_in_folder
 
 META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
 
@@ -181,7 +181,7 @@ def load_sharded_weights(module: nn.Module, path: str | Path) -> None:
         dcp.load(state, checkpoint_id=Path(path))  # each rank reads its own shards
         set_model_state_dict(module, state["state_dict"])  # strict: a missing key fails
         return
-    full = torch.load(path, mmap=True, map_location="cpu", weights_only=False)["state_dict"]
+    full = load_checkpoint_file(path)["state_dict"]
     set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True))
 
 
@@ -195,13 +195,9 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain (unsharded) transformers model with ``model``'s class, config and generation config, holding
     ``state`` (a full state dict; a tied LM head may be left out of it)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from medsft_lightning.export import skeleton
 
-    dtype = next(iter(state.values())).dtype
-    with no_init_weights():  # every weight is overwritten below: skip the random init (minutes for billions)
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
-    plain.tie_weights()  # no_init_weights skips the tying too
+    plain = skeleton(model.config, next(iter(state.values())).dtype)  # every weight is overwritten below
     plain.generation_config = copy.deepcopy(model.generation_config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     untied = set(missing) - {name for name in missing if _is_tied(plain, name)}
@@ -230,5 +226,5 @@ def read_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=FileSystemReader(folder),
                      planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
-    meta = torch.load(folder / META_FILE, map_location="cpu", weights_only=False)
+    meta = load_checkpoint_file(folder / META_FILE)
     return {**meta, "state_dict": state["state_dict"]}

@@ -159,4 +159,8 @@ def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
                    "--predict_writer.output_path", str(out), "--model.generation.max_new_tokens", "4",
                    "--trainer.logger", "false"], cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()] == [0, "b"]
+    answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [a["id"] for a in answers] == [0, "b"]
+    # The flag wins over the hyperparameters saved in the checkpoint (LightningCLI alone would apply those).
+    assert all(a["num_generated_tokens"] <= 4 for a in answers), [a["num_generated_tokens"] for a in answers]
+    assert "[ckpt] model.generation:" in proc.stdout + proc.stderr
