@@ -1,10 +1,12 @@
 """Cross-entropy straight from hidden states, in chunks, without the full logits tensor.
 
 Only supervised positions go through the LM head, and they go in chunks of ``chunk_size`` tokens: the
-``[chunk, vocab]`` logits (fp32 for the softmax) are the largest thing alive, never
+``[chunk, vocab]`` logits (fp32 for the softmax) live in one buffer reused by every chunk, never
 ``[tokens, 151,936]``. When gradients are needed, each chunk's gradients for the hidden states and the
 LM-head weight are computed right away in the forward pass (as Liger's fused linear cross-entropy
-does), so nothing per-chunk is kept for backward.
+does), so nothing per-chunk is kept for backward; the LM-head gradient is summed in one fp32
+``[vocab, hidden]`` accumulator. Every large tensor is allocated once per call (``_ChunkBuffers``), so
+the peak is exactly what ``memory.chunked_loss_bytes`` counts.
 """
 
 from __future__ import annotations
@@ -13,25 +15,80 @@ import torch
 
 from medsft_lightning.collate import IGNORE_INDEX
 
+_CPU_ADD_ELEMENTS = 1 << 20  # fp32 elements of one slice of the LM-head gradient added on CPU (4 MiB)
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of a chunk, written into the start of ``buffer`` when the weights are fp32.
 
-    Reusing one buffer for every chunk matters on CPU: a fresh ``[chunk, vocab]`` tensor is fresh memory,
-    and the kernel's page faults on first touch cost more than the GEMM itself.
+class _ChunkBuffers:
+    """The memory every chunk reuses, allocated once per call.
+
+    - ``logits``: one fp32 ``[chunk, vocab]`` buffer for the logits and, in place, their softmax gradient.
+      On CPU a fresh ``[chunk, vocab]`` tensor per chunk is fresh memory, and the kernel's page faults on
+      first touch cost more than the GEMM itself; anywhere, it keeps the previous chunk's logits from
+      still being alive while the next chunk's are computed.
+    - ``native`` (bf16/fp16 weights only): one ``[chunk, vocab]`` buffer in the weight dtype, the output of
+      the half-precision logits GEMM (then upcast into ``logits``) and later the half-precision copy of the
+      gradient that the next two GEMMs take.
+    - ``product`` (bf16/fp16 weights whose gradient is needed): one ``[vocab, hidden]`` buffer in the weight
+      dtype for each chunk's LM-head gradient GEMM, added in place into the fp32 accumulator. On CUDA the
+      mixed-dtype add upcasts inside its kernel (no fp32 copy of the product); on the CPU TensorIterator
+      upcasts an input into a temporary of its size (``compute_types``), so there it goes in 4 MiB slices.
+
+    What this holds is what ``memory.chunked_loss_bytes`` counts (``benchmarks/loss_chunk_memory.py``).
     """
-    if buffer is not None:
-        return torch.mm(hidden, weight.t(), out=buffer[: hidden.size(0)])
-    return (hidden @ weight.t()).float()
+
+    def __init__(self, rows: int, weight: torch.Tensor, chunk_size: int, need_w: bool) -> None:
+        shape, device = (min(chunk_size, rows), weight.size(0)), weight.device
+        self.logits = torch.empty(shape, dtype=torch.float32, device=device)
+        half = weight.dtype != torch.float32
+        self.native = torch.empty(shape, dtype=weight.dtype, device=device) if half else None
+        self.product = torch.empty(weight.shape, dtype=weight.dtype, device=device) if half and need_w else None
+
+    def chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of a chunk (a view of ``logits``): an fp32 GEMM, or a half-precision one upcast."""
+        out = self.logits[: hidden.size(0)]
+        if self.native is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return out.copy_(torch.mm(hidden, weight.t(), out=self.native[: hidden.size(0)]))
+
+    def in_weight_dtype(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` in the weight dtype: itself for fp32 weights, else rounded into ``native``."""
+        return grad if self.native is None else self.native[: grad.size(0)].copy_(grad)
+
+    def add_weight_grad(self, grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``grad_w += grad.T @ hidden``: fp32 in place, or a half-precision tensor-core GEMM (fp32
+        accumulation inside) into ``product``, summed over chunks in fp32."""
+        if self.product is None:
+            grad_w.addmm_(grad.t(), hidden)
+            return
+        product = torch.mm(grad.t(), hidden, out=self.product)
+        if grad_w.device.type != "cpu":  # CUDA upcasts a mixed-dtype input inside the add kernel
+            grad_w.add_(product)
+            return
+        # CPU kernels upcast a mixed-dtype input into a temporary of its full size: add in 4 MiB slices.
+        rows = max(1, _CPU_ADD_ELEMENTS // grad_w.size(1))
+        for part_w, part in zip(grad_w.split(rows), product.split(rows), strict=True):
+            part_w.add_(part)
 
 
-def _logits_buffer(rows: int, weight: torch.Tensor, chunk_size: int) -> torch.Tensor | None:
-    """One fp32 ``[chunk, vocab]`` buffer reused by every chunk; ``None`` for half-precision weights, whose
-    logits come from a half-precision GEMM and are upcast per chunk (on GPU the caching allocator reuses
-    that memory anyway)."""
-    if weight.dtype != torch.float32:
-        return None
-    return torch.empty((min(chunk_size, rows), weight.size(0)), dtype=torch.float32, device=weight.device)
+def _chunk_loop(buffers: _ChunkBuffers, hidden, weight, targets, chunk_size: int, grad_h, grad_w) -> torch.Tensor:
+    """Summed loss over the chunks; writes ``grad_h`` and adds into ``grad_w`` (when not ``None``)."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        rows = torch.arange(t.numel(), device=t.device)
+        logits = buffers.chunk_logits(h, weight)
+        target_logit = logits[rows, t]
+        # Softmax in place over the one [chunk, vocab] buffer: max, subtract, exp, normalise.
+        peak = logits.amax(dim=-1, keepdim=True)
+        total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        loss += (total.log() + peak).squeeze(1).sub(target_logit).sum()
+        grad = logits.div_(total)  # d(sum CE)/d(logits) = softmax - one_hot, in fp32
+        grad[rows, t] -= 1.0
+        grad_lp = buffers.in_weight_dtype(grad)
+        grad_h[start : start + chunk_size] = grad_lp @ weight
+        if grad_w is not None:
+            buffers.add_weight_grad(grad_w, grad_lp, h)
+    return loss
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -40,25 +97,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)
         need_w = ctx.needs_input_grad[1]  # False under LoRA: the LM head is frozen, skip a third of the work
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        buffer = _logits_buffer(hidden.size(0), weight, chunk_size)
-        for start in range(0, hidden.size(0), chunk_size):
-            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            rows = torch.arange(t.numel(), device=t.device)
-            logits = _chunk_logits(h, weight, buffer)
-            target_logit = logits[rows, t]
-            # Softmax in place over the one [chunk, vocab] buffer: max, subtract, exp, normalise.
-            peak = logits.amax(dim=-1, keepdim=True)
-            total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
-            loss += (total.log() + peak).squeeze(1).sub(target_logit).sum()
-            grad = logits.div_(total)  # d(sum CE)/d(logits) = softmax - one_hot, in fp32
-            grad[rows, t] -= 1.0
-            grad_lp = grad.to(weight.dtype)
-            grad_h[start : start + chunk_size] = grad_lp @ weight
-            if need_w and weight.dtype == torch.float32:
-                grad_w.addmm_(grad_lp.t(), h)
-            elif need_w:  # bf16 tensor-core GEMM (fp32 accumulation inside), chunks summed in fp32
-                grad_w += (grad_lp.t() @ h).float()
+        buffers = _ChunkBuffers(hidden.size(0), weight, chunk_size, need_w)
+        loss = _chunk_loop(buffers, hidden, weight, targets, chunk_size, grad_h, grad_w)
+        del buffers  # freed before the fp32 gradient is rounded to the weight dtype: not alive together
         # Kept as attributes, not saved tensors: backward scales them in place (one [vocab, hidden] buffer
         # fewer at the peak); backward runs once (the graph is never retained through this loss).
         ctx.grad_h, ctx.grad_w = grad_h, grad_w.to(weight.dtype) if need_w else None
@@ -84,7 +125,8 @@ def chunked_cross_entropy(
         hidden: ``[batch, seq, hidden]`` final hidden states (after the last norm).
         weight: ``[vocab, hidden]`` LM-head weight.
         labels: ``[batch, seq]`` with -100 where nothing is supervised (not yet shifted).
-        chunk_size: supervised tokens per LM-head chunk; peak extra memory ~ ``chunk_size × vocab × 4`` bytes.
+        chunk_size: supervised tokens per LM-head chunk; peak extra memory ``chunk_size × vocab × 4`` bytes
+            (+ 2 for bf16 weights) + the LM-head gradient (``memory.chunked_loss_bytes`` counts it all).
 
     Returns:
         ``(loss_sum, num_supervised, num_correct)``: fp32 summed loss, supervised-token count, and
@@ -103,9 +145,9 @@ def chunked_cross_entropy(
         return _ChunkedLinearCE.apply(h, weight, t, chunk_size), count, torch.full_like(count, -1)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     correct = torch.zeros((), dtype=torch.long, device=h.device)
-    buffer = _logits_buffer(t.numel(), weight, chunk_size)  # not for bf16: that would waste 0.6 GB at 1,024
+    buffers = _ChunkBuffers(t.numel(), weight, chunk_size, need_w=False)
     for start in range(0, t.numel(), chunk_size):
-        logits = _chunk_logits(h[start : start + chunk_size], weight, buffer)
+        logits = buffers.chunk_logits(h[start : start + chunk_size], weight)
         tc = t[start : start + chunk_size]
         loss += torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
         correct += (logits.argmax(-1) == tc).sum()

@@ -4,8 +4,13 @@ Pure arithmetic (no torch, nothing downloaded). Per device, in bytes, for T = ba
 tokens per micro-batch, with p / a / r the bytes of a parameter / a matmul activation / the residual
 stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
 
-- weights N·p, gradients N·p, AdamW states 2·N·p (torch keeps both moments in the parameter dtype);
+- weights N·p, gradients N·p, AdamW states 2·N·p (torch and torch-optimi keep both moments in the
+  parameter dtype), Kahan compensation N·p with torch-optimi's Kahan summation on bf16/fp16 weights
+  (``optim.adamw``: fp32 for the 1-D norm weights and biases, +2 B each);
   bf16-mixed adds N·2 for autocast's bf16 weight copies. N counts a tied LM head once.
+- AdamW step temporaries, L the largest parameter (the embedding): fused none; torch foreach (CUDA's
+  non-fused default) N·p; torch for-loop (CPU's) 2·L·p; torch-optimi with Triton (GPU) none, its
+  for-loop L·p (gradients reused as buffers). Measured on CPU (``tests/test_memory_disk.py``).
 - activations per token per decoder layer (what a Qwen3 layer with SDPA keeps for backward):
   2 RMSNorms (4+r)·H each (fp32 copy + normalised) + their outputs a·H each; q and k: (4+a)·d
   (q/k-norm) + what SDPA saves of q, k, v (a·q_dim, and k, v repeated to all heads, a·q_dim each,
@@ -17,22 +22,26 @@ stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
   Without checkpointing: layers × that × T. With checkpointing: layers × r·H·T (layer inputs) + one
   layer's full activations (recomputed in backward). Both add the final norm (4+r)·H·T and, for
   padded rows, the model's bool mask T·S once.
-- loss, chunked (medsft): chunk × V × 4 fp32 logits (+ chunk × V × 2 bf16 copy) + V·H·4 fp32 LM-head
-  gradient accumulator (+ V·H·p saved copy) + 2·T·H·a (hidden rows and their gradient).
+- loss, chunked (``loss._ChunkBuffers``), c = min(chunk, T): fp32 logits c·V·4 (+ c·V·2 bf16: the
+  weights' GEMM buffer, or in bf16-mixed autocast's copy) + fp32 LM-head gradient V·H·4 (+ V·H·p for
+  bf16/fp16 weights: the per-chunk GEMM buffer, then the rounded result) + hidden rows and their
+  gradient 2·T·H·r. Each is one tensor allocated once per call: a call's measured CPU peak equals it, +
+  a 4 MiB CPU-only add slice (``tests/test_loss_memory.py``, ``benchmarks/loss_chunk_memory.py``).
   Seed-style full logits, for comparison: T·V·(a + 4 + 4) (logits, fp32 log-probs, their gradient).
-- total = weights + gradients (+ DDP buckets) + AdamW states + activations + loss: everything counted
-  as alive at once, but not the CUDA context (~0.5 GiB), the allocator's fragmentation or backward's
-  temporary gradient buffers. Against the H200 peaks in benchmarks/README.md (Qwen3-1.7B, rows of
-  2,048 tokens, unpadded) it is 2-5% low: batch 4 with checkpointing 17.3 vs 17.7 GiB measured,
-  batch 2: 16.4 vs 17.2, batch 4 without checkpointing 39.7 vs 40.9, the seed recipe 16.2 vs 16.6.
+- total = weights + gradients (+ DDP buckets) + AdamW states (+ Kahan) + max(activations + loss, step
+  temporaries): all counted as alive at once; not the CUDA context (~0.5 GiB), allocator fragmentation
+  or backward's temporary buffers. Against H200 peaks (benchmarks/README.md: Qwen3-1.7B, rows of 2,048,
+  unpadded, fused AdamW, the loss before its reused buffers) it was 2-5% low: batch 4 with checkpointing
+  17.3 vs 17.7 GiB, batch 2 16.4 vs 17.2, batch 4 without checkpointing 39.7 vs 40.9, seed 16.2 vs 16.6.
+- disk: a checkpoint holds weights N·p + AdamW moments 2·N·p (+ Kahan N·p), the ``hf_model`` export N·p;
+  ``torch.save`` and ``save_pretrained`` store a tied LM head once (measured). A run's peak: best.ckpt +
+  last.ckpt + last.ckpt's temporary copy while it is rewritten + the export.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 GIB = 1024**3
 
@@ -66,8 +75,8 @@ QWEN3_ARCHS = {
 
 
 @dataclass(frozen=True)
-class Precision:
-    param: int  # bytes of a weight, a gradient and an AdamW moment
+class Precision:  # bytes
+    param: int  # of a weight, a gradient and an AdamW moment
     act: int  # bytes of a matmul output kept for backward
     resid: int  # bytes of the residual stream / norm outputs
     autocast: int  # bytes per parameter of autocast's low-precision weight copies
@@ -102,34 +111,6 @@ def arch_from_config(cfg: dict, source: str) -> Arch:
         raise EstimateError(f"{source}: missing field {err.args[0]!r}") from None
 
 
-def resolve_arch(name_or_path: str) -> Arch:
-    """The architecture of ``medsft:tiny-qwen3``, a local folder, or a built-in Qwen3 id. Never downloads."""
-    from medsft_lightning import hub
-
-    if name_or_path == hub.TINY_MODEL:  # the tiny model is defined by TINY_CONFIG: no need to build it
-        from medsft_lightning.tiny import TINY_CONFIG, VOCAB_SIZE
-
-        return arch_from_config({**TINY_CONFIG, "vocab_size": VOCAB_SIZE}, f"{name_or_path} (tiny.TINY_CONFIG)")
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        config = local / "config.json" if local.is_dir() else local
-        if not config.is_file():
-            raise EstimateError(f"--model {name_or_path!r}: the folder has no config.json")
-        try:
-            cfg = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise EstimateError(f"{config}: not readable JSON ({err})") from None
-        return arch_from_config(cfg, str(config))
-    model_id = name_or_path.removeprefix(hub.HF_PREFIX).removesuffix("-Base")
-    for known, arch in QWEN3_ARCHS.items():
-        if known.lower() == model_id.lower():
-            return arch
-    raise EstimateError(
-        f"--model {name_or_path!r}: no such local folder, and not a built-in architecture "
-        f"({', '.join(QWEN3_ARCHS)}); pass a local model folder with its config.json (nothing is downloaded)"
-    )
-
-
 def layer_param_count(arch: Arch) -> int:
     """Parameters of one decoder layer (q/k/v/o, q/k norms, MLP, two RMSNorms)."""
     h, q_dim = arch.hidden_size, arch.num_attention_heads * arch.head_dim
@@ -148,8 +129,22 @@ def param_count(arch: Arch) -> int:
 
 
 def stored_param_count(arch: Arch) -> int:
-    """Parameters with the LM head counted even when tied, as checkpoint files (and their sizes) hold them."""
+    """Parameters with the LM head counted even when tied, as the published Qwen3 files (and the hub's
+    parameter figure) hold them; ``torch.save`` and ``save_pretrained`` store a tied head once."""
     return param_count(arch) + (arch.vocab_size * arch.hidden_size if arch.tie_word_embeddings else 0)
+
+
+def vector_param_count(arch: Arch) -> int:
+    """Elements of the 1-D parameters (norm weights, biases): the group ``optim.adamw`` compensates in fp32."""
+    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    bias = q_dim + 2 * kv_dim + arch.hidden_size if arch.attention_bias else 0
+    return arch.num_hidden_layers * (2 * arch.hidden_size + 2 * arch.head_dim + bias) + arch.hidden_size
+
+
+def largest_param_count(arch: Arch) -> int:
+    """Elements of the largest single parameter (the embedding, for every Qwen3)."""
+    q_dim = arch.num_attention_heads * arch.head_dim
+    return max(arch.vocab_size * arch.hidden_size, arch.hidden_size * max(q_dim, arch.intermediate_size))
 
 
 def precision_of(precision: str | int) -> Precision:
@@ -189,14 +184,53 @@ def activation_bytes(
     return arch.num_hidden_layers * layer + final_norm + mask
 
 
-def chunked_loss_bytes(arch: Arch, precision: str, tokens: int, chunk_size: int) -> int:
-    """Peak of medsft's chunked LM-head cross-entropy (``loss.py``), all supervised tokens assumed."""
+def chunked_loss_parts(arch: Arch, precision: str, tokens: int, chunk_size: int) -> dict[str, int]:
+    """The tensors alive at the peak of medsft's chunked LM-head cross-entropy (``loss.py``), in bytes."""
     pr = precision_of(precision)
     chunk_v = min(chunk_size, tokens) * arch.vocab_size
     head = arch.vocab_size * arch.hidden_size
-    logits = chunk_v * 4 + (chunk_v * 2 if pr.act == 2 else 0)
-    grad_w = head * 4 + (head * pr.param if pr.param != 4 else 0)
-    return logits + grad_w + 2 * tokens * arch.hidden_size * pr.act
+    return {
+        "logits": chunk_v * 4,  # the fp32 [chunk, vocab] buffer
+        "logits_low": chunk_v * 2 if pr.act == 2 else 0,  # its bf16/fp16 counterpart (or autocast's copy)
+        "grad_w": head * 4,  # the fp32 LM-head gradient accumulator
+        "product": head * pr.param if pr.param != 4 else 0,  # the bf16/fp16 per-chunk GEMM buffer
+        "rows": 2 * tokens * arch.hidden_size * pr.resid,  # the supervised hidden rows and their gradient
+    }
+
+
+def chunked_loss_bytes(arch: Arch, precision: str, tokens: int, chunk_size: int) -> int:
+    """Peak of medsft's chunked LM-head cross-entropy, all supervised tokens assumed."""
+    return sum(chunked_loss_parts(arch, precision, tokens, chunk_size).values())
+
+
+OPTIMIZERS = ("fused", "foreach", "for-loop", "optimi-triton", "optimi-for-loop")
+
+
+def optimizer_step_temp_bytes(arch: Arch, precision: str, optimizer: str, shard: int = 1) -> int:
+    """What one AdamW step allocates beyond its states (module docstring); ``optimizer`` in OPTIMIZERS."""
+    p = precision_of(precision).param
+    largest = largest_param_count(arch) * p // shard
+    temps = {"fused": 0, "foreach": param_count(arch) * p // shard, "for-loop": 2 * largest,
+             "optimi-triton": 0, "optimi-for-loop": largest}
+    if optimizer not in temps:
+        raise EstimateError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    return temps[optimizer]
+
+
+def kahan_bytes(arch: Arch, precision: str, optimizer: str, shard: int = 1) -> int:
+    """Kahan compensation (``optim.adamw``): one per bf16/fp16 weight, in its dtype but fp32 for 1-D ones."""
+    p, vectors = precision_of(precision).param, vector_param_count(arch)
+    if not optimizer.startswith("optimi") or p == 4:
+        return 0
+    return ((param_count(arch) - vectors) * p + vectors * 4) // shard
+
+
+def disk_bytes(arch: Arch, precision: str, optimizer: str) -> dict[str, int]:
+    """A checkpoint file, the ``hf_model`` export and a run's peak (module docstring), in bytes."""
+    weights = param_count(arch) * precision_of(precision).param  # a tied LM head stored once
+    ckpt = 3 * weights + kahan_bytes(arch, precision, optimizer)
+    # best.ckpt + last.ckpt + last.ckpt.tmp-<pid> (the old file stays until the rename) + hf_model at the end
+    return {"checkpoint": ckpt, "export": weights, "peak": 3 * ckpt + weights}
 
 
 def full_logits_bytes(arch: Arch, precision: str, tokens: int) -> int:
@@ -213,7 +247,7 @@ def estimate(
     chunk_size: int = 1024,
     devices: int = 1,
     strategy: str = "auto",
-    fused_adamw: bool = True,
+    optimizer: str = "fused",
     padded: bool = True,
 ) -> dict:
     """Per-device memory of one training step, in bytes per item (see the module docstring).
@@ -228,7 +262,7 @@ def estimate(
         devices: devices per run (sharding under ``fsdp``, gradient buckets under ``ddp``).
         strategy: ``auto`` (``ddp`` when devices > 1), ``ddp`` or ``fsdp`` (rough: full sharding with each
             decoder layer wrapped; the embedding and two layers gathered at a time).
-        fused_adamw: fused AdamW; otherwise foreach AdamW needs one parameter-sized temporary in its step.
+        optimizer: how the AdamW step runs, one of OPTIMIZERS; ``optimi-*``: torch-optimi, Kahan-summed.
         padded: rows padded to a common length (an attention mask is passed), as in real batches.
     """
     pr, n = precision_of(precision), param_count(arch)
@@ -249,8 +283,10 @@ def estimate(
     out["activations"] = out["activations_checkpointed" if checkpointing else "activations_full"]
     out["loss_chunked"] = chunked_loss_bytes(arch, precision, tokens, chunk_size)
     out["loss_full"] = full_logits_bytes(arch, precision, tokens)
-    out["optimizer_step_temp"] = 0 if fused_adamw else n * pr.param // shard
-    static = sum(out[k] for k in ("weights", "autocast_copies", "gradients", "optimizer", "ddp_buckets"))
+    out["optimizer_step_temp"] = optimizer_step_temp_bytes(arch, precision, optimizer, shard)
+    out["kahan"] = kahan_bytes(arch, precision, optimizer, shard)
+    out["disk"] = disk_bytes(arch, precision, optimizer)
+    static = sum(out[k] for k in ("weights", "autocast_copies", "gradients", "optimizer", "kahan", "ddp_buckets"))
     step = max(out["activations"] + out["loss_chunked"], out["optimizer_step_temp"])
     out["total"] = static + out["fsdp_gathered"] + step
     return out

@@ -24,10 +24,9 @@ from medsft_lightning.memory import (
     full_logits_bytes,
     layer_activation_bytes,
     param_count,
-    resolve_arch,
     stored_param_count,
 )
-from medsft_lightning.memory_report import FIELDS, estimate_for, parse
+from medsft_lightning.memory_report import FIELDS, estimate_for, parse, resolve_arch
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = str(REPO / "configs" / "full.yaml")
@@ -140,6 +139,14 @@ def test_checkpointing_keeps_layer_inputs_and_one_layer():
     assert est["activations"] == full and est["total"] - estimate(QWEN3_1P7B, 4, 2048)["total"] == full - ckpt
 
 
+def test_chunked_loss_in_bf16_mixed_keeps_fp32_rows():
+    """bf16-mixed: fp32 weights (fp32 logits GEMM, no bf16 buffers of the loss's own) and fp32 hidden rows;
+    autocast's bf16 copy of each chunk's gradient (c·V·2) for the hidden-state GEMM."""
+    tokens, vocab, hidden = 8192, 151_936, 2048
+    assert chunked_loss_bytes(QWEN3_1P7B, "bf16-mixed", tokens, 1024) == 1024 * vocab * (4 + 2) + vocab * hidden * 4 + (
+        2 * tokens * hidden * 4)
+
+
 def test_chunked_loss_is_far_below_full_logits():
     tokens, vocab, hidden = 8192, 151_936, 2048
     chunked = chunked_loss_bytes(QWEN3_1P7B, "bf16-true", tokens, 1024)
@@ -159,8 +166,11 @@ def test_total_adds_the_parts_and_sharding():
     assert ddp["strategy"] == "ddp" and ddp["total"] - est["total"] == 2 * n  # DDP's gradient buckets
     fsdp = estimate(QWEN3_1P7B, 4, 2048, devices=4, strategy="fsdp")
     assert (fsdp["weights"], fsdp["optimizer"]) == (2 * n // 4, 4 * n // 4)
-    foreach = estimate(QWEN3_1P7B, 1, 16, fused_adamw=False)  # tiny activations: the step temporary dominates
+    foreach = estimate(QWEN3_1P7B, 1, 16, optimizer="foreach")  # tiny activations: the step temporary dominates
     assert foreach["total"] == 8 * n + 2 * n
+    kahan = estimate(QWEN3_1P7B, 4, 2048, optimizer="optimi-triton")  # + the compensation, no step temporary
+    norms = 28 * (2 * 2048 + 2 * 128) + 2048  # their compensation is fp32: 2 B more each
+    assert kahan["kahan"] == 2 * n + 2 * norms and kahan["total"] == est["total"] + kahan["kahan"]
 
 
 def test_parse_reads_config_and_flags_win():
@@ -168,10 +178,13 @@ def test_parse_reads_config_and_flags_win():
     assert (settings.model, settings.batch_size, settings.max_length, settings.precision) == (
         "Qwen/Qwen3-1.7B", 4, 4096, "bf16-true")
     assert (settings.checkpointing, settings.chunk_size, settings.accumulate, settings.devices) == (False, 1024, 2, 1)
-    assert settings.fused_adamw and settings.strategy == "auto" and notes == []
+    assert settings.fused_adamw and settings.kahan and settings.strategy == "auto" and notes == []
     settings, notes = parse(["--model", "Qwen/Qwen3-0.6B", "--devices", "auto", "--trainer.accelerator", "cpu"])
     assert (settings.model, settings.devices, settings.fused_adamw, settings.precision) == (
-        "Qwen/Qwen3-0.6B", 1, False, "32-true")
+        "Qwen/Qwen3-0.6B", 1, True, "32-true")  # MedSFTModule: fused AdamW on CUDA and the CPU
+    assert not settings.kahan and settings.optimizer == "fused"
+    settings, _ = parse(["--trainer.accelerator", "cpu", "--model.fused_adamw", "false"])
+    assert settings.optimizer == "for-loop"  # PyTorch's non-fused AdamW on the CPU
     assert notes == ["trainer.devices='auto': assumed 1 device (pass --devices N)"]
 
 
