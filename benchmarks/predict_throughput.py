@@ -58,7 +58,7 @@ def medsft_predict(model_path: str, rows, batch_size: int, max_new_tokens: int, 
     out = workdir / "answers.jsonl"
     dm = MedicalDataModule(dataset="medsft:sample", tokenizer=model_path, predict_dataset=str(qfile),
                            batch_size=batch_size)
-    module = MedSFTModule(model_path, generation=Generation(max_new_tokens=max_new_tokens))
+    module = MedSFTModule(model_path, generation=Generation(max_new_tokens=max_new_tokens, do_sample=False))
     module.configure_model()  # load outside the timed region, as on the other side
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[AnswerWriter(str(out))])

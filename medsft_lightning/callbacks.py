@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from medsft_lightning.generate import Generation, build_prompts, generate_batch, generation_mode
+from medsft_lightning.generate import Generation, build_prompts, check_room, generate_batch, generation_mode, truncation
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ class SampleGenerations(L.Callback):
     Args:
         num_samples: how many validation questions to answer each time.
         indices: which validation rows (positions in the validation split); ``None``: the first ones.
-        generation: decoding settings (greedy by default, so rounds compare).
+        generation: decoding settings (default: the model's own sampling settings, else Qwen3's; the same
+            ``seed`` every round, so rounds differ only by the weights). ``sample/truncation_rate`` logs the share
+            of answers cut off at ``max_new_tokens``; at fit start a warning names a ``max_new_tokens`` below the
+            longest reference completion of the validation rows.
         filename: JSON-lines file in the run folder that every round is appended to.
     """
 
@@ -38,11 +41,14 @@ class SampleGenerations(L.Callback):
     ) -> None:
         self.num_samples = num_samples
         self.indices = indices
-        self.generation = generation or Generation(max_new_tokens=256)
+        self.generation = generation or Generation()
         self.filename = filename
         self.rounds = 0
 
     # -- hooks ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_room(self.generation, trainer, "samples.generation")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.rounds == 0:  # no baseline validation ran: generate the baseline round now
             self._round(trainer, pl_module, baseline=True)
@@ -80,7 +86,9 @@ class SampleGenerations(L.Callback):
         step, epoch = trainer.global_step, trainer.current_epoch
         rate = sum(r["well_formed"] for r in results) / max(1, len(results))
         chars = sum(len(r["answer"]) for r in results) / max(1, len(results))
-        metrics = {"sample/think_format_rate": rate, "sample/answer_chars": chars}
+        truncated, truncation_rate = truncation(results)
+        metrics = {"sample/think_format_rate": rate, "sample/truncation_rate": truncation_rate,
+                   "sample/answer_chars": chars}
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)
             if hasattr(lg, "log_text"):  # SwanLab (CSVLogger has no text)
@@ -93,8 +101,9 @@ class SampleGenerations(L.Callback):
                 line = {"round": self.rounds, "baseline": baseline, "step": step, "epoch": epoch, "sample": i,
                         "think_format_rate": rate, **r}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        logger.info("[samples] step %d: think_format_rate %.2f, answer %.0f chars; first answer: %s",
-                    step, rate, chars, results[0]["answer"][:120].replace("\n", " ") if results else "")
+        logger.info("[samples] step %d: think_format_rate %.2f, %d of %d truncated at max_new_tokens=%d, answer "
+                    "%.0f chars; first answer: %s", step, rate, truncated, len(results), self.generation.max_new_tokens,
+                    chars, results[0]["answer"][:120].replace("\n", " ") if results else "")
 
     def state_dict(self) -> dict:
         return {"rounds": self.rounds}

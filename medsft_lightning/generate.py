@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from medsft_lightning.decode import decode
 from medsft_lightning.formatting import prompt_messages, split_think_answer
@@ -14,27 +15,89 @@ from medsft_lightning.lora import base_model
 from medsft_lightning.sharding import is_sharded, unsharded_root
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Qwen3's generation_config.json (thinking mode); its model card warns that greedy decoding repeats endlessly.
+QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 @dataclass
 class Generation:
-    """Decoding settings.
+    """Decoding settings; a ``null`` sampling field: the model's generation_config.json, else Qwen3's value.
+
+    Only what the model's generation config really sets counts (not transformers' defaults); an explicit value
+    always wins. Resolved at generation time (:meth:`resolved`).
 
     Args:
-        max_new_tokens: most tokens generated per answer (think block included).
-        do_sample: sample instead of greedy decoding (greedy is comparable across steps).
-        temperature: sampling temperature (Qwen3's recommendation for thinking mode: 0.6).
-        top_p: nucleus sampling mass (Qwen3: 0.95).
-        top_k: top-k sampling (Qwen3: 20).
-        seed: sampling seed, so repeated runs give the same answers.
+        max_new_tokens: most tokens generated per answer (think block included); an answer cut off here has
+            ``finish_reason: length``.
+        do_sample: sample (``true``) or decode greedily (``false``); ``null``: the model's generation config, else
+            ``true`` (Qwen3's model card warns that greedy decoding repeats endlessly).
+        temperature: sampling temperature; ``null``: the model's generation config, else Qwen3's 0.6.
+        top_p: nucleus sampling mass; ``null``: the model's generation config, else Qwen3's 0.95.
+        top_k: top-k sampling (0: off); ``null``: the model's generation config, else Qwen3's 20.
+        seed: sampling seed: the same seed gives the same answers (for the same prompts and batches).
+        presence_penalty: subtracted from the logit of every token already generated in this answer (vLLM/OpenAI
+            semantics; 0: off). Qwen3's card suggests 0-2 against endless repetition.
+        repetition_penalty: HF/vLLM repetition penalty over the prompt and the generated tokens: a seen token's
+            positive logit is divided by it, a negative one multiplied (1: off).
     """
 
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
+    max_new_tokens: int = 2048
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int = 0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"generation.repetition_penalty={self.repetition_penalty}: use a value > 0 (1: off)")
+
+    def resolved(self, generation_config=None) -> Generation:
+        """A copy with every ``None`` sampling field filled: from ``generation_config`` (a transformers
+        ``GenerationConfig``; only the values it sets, as ``to_diff_dict()`` lists them), else from
+        :data:`QWEN3_SAMPLING`."""
+        diff = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else {}
+        filled = {name: diff[name] if diff.get(name) is not None else qwen3 for name, qwen3 in QWEN3_SAMPLING.items()
+                  if getattr(self, name) is None}
+        return replace(self, **filled)
+
+    def describe(self) -> str:
+        """One line for the logs (of resolved settings), e.g. ``sampling (temperature 0.6, top_p 0.95, top_k 20,
+        seed 0), max_new_tokens 2048``."""
+        text = (f"sampling (temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}, seed {self.seed})"
+                if self.do_sample else "greedy")
+        penalties = [f"{name} {value}" for name, value, off in (("presence_penalty", self.presence_penalty, 0.0),
+                                                                ("repetition_penalty", self.repetition_penalty, 1.0))
+                     if value != off]
+        return text + "".join(f", {p}" for p in penalties) + f", max_new_tokens {self.max_new_tokens}"
+
+
+def truncation(outputs: Sequence[Mapping]) -> tuple[int, float]:
+    """``(count, share)`` of generations cut off at ``max_new_tokens`` (``finish_reason: length``)."""
+    count = sum(o["finish_reason"] == "length" for o in outputs)
+    return count, count / max(1, len(outputs))
+
+
+def check_room(settings: Generation, trainer, flag: str) -> None:
+    """Warn when ``settings.max_new_tokens`` is below the longest reference completion of the validation rows.
+
+    Reads the encoded validation rows' ``num_supervised`` (the completion's supervised tokens, ``<|im_end|>``
+    included; no re-tokenising); does nothing when the datamodule has none. ``flag``: the settings' CLI prefix,
+    e.g. ``samples.generation``.
+    """
+    rows = getattr(getattr(getattr(trainer, "datamodule", None), "val_set", None), "rows", None)
+    if not rows:
+        return
+    lengths = [r["num_supervised"] for r in rows]
+    longer = sum(n > settings.max_new_tokens for n in lengths)
+    if longer:
+        rank_zero_warn(
+            f"--{flag}.max_new_tokens={settings.max_new_tokens} is below the longest reference completion of the "
+            f"validation rows ({max(lengths)} tokens; {longer} of {len(lengths)} are longer): such answers stop at "
+            f"finish_reason: length, often before </think>. Raise --{flag}.max_new_tokens"
+        )
 
 
 @contextmanager
@@ -92,18 +155,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings: Generation) -> list[dict]:
     """Generate for a batch of prompt ids; one dict per prompt, in the given order. An FSDP2 model: every rank
-    calls it with the same prompts, inside ``generation_mode(model, seed, root)`` (see :func:`decode`).
+    calls it with the same prompts, inside ``generation_mode(model, seed, root)`` (see :func:`decode`). Sampling
+    draws from the global RNG, which ``generation_mode`` seeds; ``None`` settings resolve against the model's
+    generation config (:meth:`Generation.resolved`).
 
     Each dict: ``raw`` (decoded text, special tokens dropped), ``think``, ``answer``, ``well_formed``,
     ``finish_reason`` (``stop`` on ``<|im_end|>``/``<|endoftext|>``, else ``length``),
     ``num_generated_tokens`` (stop token included).
     """
     model = base_model(model)  # a peft wrapper's base model holds the adapters
+    settings = settings.resolved(getattr(model, "generation_config", None))
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     out = decode(model, ids, mask, settings.max_new_tokens, stop_ids, do_sample=settings.do_sample,
                  temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                 presence_penalty=settings.presence_penalty, repetition_penalty=settings.repetition_penalty,
                  sharded=is_sharded(model))
     results = []
     for tokens in out:

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.functional.text.rouge import rouge_score
 
-from medsft_lightning.generate import Generation, build_prompts, generate_batch, generation_mode
+from medsft_lightning.generate import Generation, build_prompts, check_room, generate_batch, generation_mode, truncation
 
 # CJK ideographs (unified, extension A, compatibility, extensions B-G), kana and Hangul syllables.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af\U00020000-\U0003134f"
@@ -71,14 +71,17 @@ class GenerationMetrics(L.Callback):
     checkpointing off, training state and RNG restored exactly afterwards) and logs to every logger at the
     trainer's global step: ``val_gen/rougeL`` (mean ROUGE-L F1 of the answer after ``</think>`` against the
     reference answer, character-level on Chinese: see :func:`rouge_l_f1`), ``val_gen/think_format_rate`` (share
-    of well-formed ``<think>…</think>`` + answer generations) and ``val_gen/answer_chars`` (mean answer length).
-    A generation cut off before ``</think>`` counts its whole text as the answer. Other ranks wait;
+    of well-formed ``<think>…</think>`` + answer generations), ``val_gen/truncation_rate`` (share cut off at
+    ``max_new_tokens``, ``finish_reason: length``) and ``val_gen/answer_chars`` (mean answer length). A
+    generation cut off before ``</think>`` counts its whole text as the answer. At fit start a warning names a
+    ``max_new_tokens`` below the longest reference completion of the validation rows. Other ranks wait;
     under FSDP2 (a sharded model's forward needs all ranks) every rank generates the same rows in lockstep.
 
     Args:
         num_rows: how many validation rows (the first ones of the validation split) to answer; 0: off.
         batch_size: prompts generated together (left-padded).
-        generation: decoding settings; ``None``: greedy with ``max_new_tokens=1024`` (room for the think block).
+        generation: decoding settings; ``None``: ``Generation()`` (the model's own sampling settings, else
+            Qwen3's, and ``max_new_tokens=2048``: room for the think block).
     """
 
     def __init__(self, num_rows: int = 0, batch_size: int = 8, generation: Generation | None = None) -> None:
@@ -88,7 +91,11 @@ class GenerationMetrics(L.Callback):
             raise ValueError(f"--gen_metrics.batch_size={batch_size}: use 1 or more")
         self.num_rows = num_rows
         self.batch_size = batch_size
-        self.generation = generation or Generation(max_new_tokens=1024)
+        self.generation = generation or Generation()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.num_rows:
+            check_room(self.generation, trainer, "gen_metrics.generation")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.num_rows == 0 or trainer.sanity_checking:
@@ -105,11 +112,13 @@ class GenerationMetrics(L.Callback):
         with generation_mode(model, self.generation.seed, root):
             for i in range(0, len(prompts), self.batch_size):
                 outputs += generate_batch(model, tokenizer, prompts[i : i + self.batch_size], self.generation)
-        answers = [o["answer"] for o in outputs]
+        answers, (truncated, truncation_rate) = [o["answer"] for o in outputs], truncation(outputs)
         return {
             "val_gen/rougeL": rouge_l_f1(answers, [r["answer"] for r in rows]),
             "val_gen/think_format_rate": sum(o["well_formed"] for o in outputs) / len(outputs),
+            "val_gen/truncation_rate": truncation_rate,
             "val_gen/answer_chars": sum(len(a) for a in answers) / len(answers),
+            "truncated": truncated,
             "seconds": time.perf_counter() - start,
             "rows": len(rows),
         }
@@ -122,6 +131,7 @@ class GenerationMetrics(L.Callback):
             lg.log_metrics(logged, step=step)
         rank_zero_info(
             f"[gen_metrics] step {step}: rougeL {metrics['val_gen/rougeL']:.4f}, think_format_rate "
-            f"{metrics['val_gen/think_format_rate']:.2f}, answer {metrics['val_gen/answer_chars']:.0f} chars "
+            f"{metrics['val_gen/think_format_rate']:.2f}, {metrics['truncated']} of {metrics['rows']} truncated at "
+            f"max_new_tokens={self.generation.max_new_tokens}, answer {metrics['val_gen/answer_chars']:.0f} chars "
             f"({metrics['rows']} rows, {metrics['seconds']:.1f} s)"
         )

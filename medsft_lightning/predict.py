@@ -73,6 +73,9 @@ class AnswerWriter(BasePredictionWriter):
     (``output_path`` on rank zero, ``output_path.rank<r>`` on the others); at the end rank zero merges
     them into ``output_path`` in input order and removes the parts.
 
+    Logs the decoding settings at the start (``model.generation``, resolved against the model's generation
+    config) and, at the end, how many answers stopped at ``max_new_tokens`` (``finish_reason: length``).
+
     Args:
         output_path: the JSON-lines file of answers.
     """
@@ -92,6 +95,13 @@ class AnswerWriter(BasePredictionWriter):
         trainer.datamodule.predict_skip_ids = done
         if done:
             logger.info("[predict] %s already holds %d answer(s): answering only the rest", self.output_path, len(done))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        settings = getattr(pl_module, "generation", None)
+        if settings is not None and trainer.is_global_zero:
+            model = getattr(pl_module, "model", None)
+            resolved = settings.resolved(getattr(model, "generation_config", None))
+            logger.info("[predict] decoding: %s (--model.generation.*)", resolved.describe())
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         path = Path(self.output_path)
@@ -118,4 +128,16 @@ class AnswerWriter(BasePredictionWriter):
         os.replace(tmp, path)
         for part in parts[1:]:
             part.unlink()
-        logger.info("[predict] wrote %d answer(s) to %s", len(ordered), path)
+        log_written(ordered, path, getattr(getattr(pl_module, "generation", None), "max_new_tokens", None))
+
+
+def log_written(answers: list[dict], path: Path, max_new_tokens: int | None) -> None:
+    """The end-of-run line: answers written, and how many stopped at ``max_new_tokens`` (a warning if any)."""
+    cut = sum(a.get("finish_reason") == "length" for a in answers)
+    where = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else "max_new_tokens"
+    if not cut:
+        logger.info("[predict] wrote %d answer(s) to %s; none stopped at %s", len(answers), path, where)
+        return
+    logger.warning("[predict] wrote %d answer(s) to %s; %d of %d (%.0f%%) stopped at %s (finish_reason: length): "
+                   "raise --model.generation.max_new_tokens", len(answers), path, cut, len(answers),
+                   100 * cut / len(answers), where)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
 import lightning as L
+import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from medsft_lightning.callbacks import SampleGenerations
@@ -51,7 +53,8 @@ def test_training_is_bit_for_bit_the_same_with_the_callback(tmp_path, tiny_dir):
     (dropout_dir / "config.json").write_text(json.dumps(config))
 
     plain, _ = train(tmp_path / "plain", dropout_dir, with_samples=False)
-    sampled, log_dir = train(tmp_path / "sampled", dropout_dir, with_samples=True)
+    with pytest.warns(UserWarning, match=r"--samples.generation.max_new_tokens=6 is below the longest reference"):
+        sampled, log_dir = train(tmp_path / "sampled", dropout_dir, with_samples=True)
     assert len(plain) == 6 and plain == sampled  # exact equality, not approximate
 
     lines = [json.loads(x) for x in open(f"{log_dir}/samples.jsonl", encoding="utf-8")]
@@ -60,5 +63,9 @@ def test_training_is_bit_for_bit_the_same_with_the_callback(tmp_path, tiny_dir):
     assert lines[0]["baseline"] and not lines[2]["baseline"]
     for x in lines:
         assert {"question", "think", "answer", "raw", "reference", "think_format_rate", "finish_reason"} <= set(x)
-    metrics = open(f"{log_dir}/metrics.csv", encoding="utf-8").readline()
-    assert "sample/think_format_rate" in metrics and "sample/answer_chars" in metrics
+    with open(f"{log_dir}/metrics.csv", encoding="utf-8") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("sample/think_format_rate")]
+    assert [int(r["step"]) for r in logged] == [0, 2, 4, 6] and all(r["sample/answer_chars"] for r in logged)
+    for r, first in zip(logged, lines[::2]):  # the share of the round's answers cut off at max_new_tokens
+        cut = [x["finish_reason"] == "length" for x in lines if x["round"] == first["round"]]
+        assert float(r["sample/truncation_rate"]) == sum(cut) / 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def _generations(model, root, tiny: str) -> dict[str, list]:
     tokenizer, sharded = AutoTokenizer.from_pretrained(tiny), root is not None
     prompts = [tokenizer(t)["input_ids"] for t in ("Fever?", "What helps a headache?", "A cough for weeks: what next?")]
     with generation_mode(model, 0, root):
-        greedy = generate_batch(model, tokenizer, prompts, Generation(max_new_tokens=8))
+        greedy = generate_batch(model, tokenizer, prompts, Generation(max_new_tokens=8, do_sample=False))
         sampled = generate_batch(model, tokenizer, prompts, Generation(max_new_tokens=8, do_sample=True))
         ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
         free = decode(model, ids, mask, 8, [-1], sharded=sharded)
@@ -94,6 +95,9 @@ def _rank(rank: int, port: int, tiny: str, out: str) -> None:
         torch.save({"sums": sums, "grads": grads, "plain": plain.state_dict(), "generated": generated,
                     "plain_tied": plain.lm_head.weight is plain.model.embed_tokens.weight}, out)
     dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads can abort a finished process there (SIGABRT, "terminate called
+    # without an active exception"; seen in ~1 of 10 runs on CPU), which would fail a test whose work is done.
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -143,7 +147,8 @@ def fit(work: Path, env: dict, log: str, kill_at_step: int = 0, *extra: str) -> 
     data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
     config = write_config(work, data, {"log": str(work / log), "kill_at_step": kill_at_step})
     generating = ["--samples.num_samples", "2", "--samples.generation.max_new_tokens", "8", "--gen_metrics.num_rows",
-                  "3", "--gen_metrics.batch_size", "2", "--gen_metrics.generation.max_new_tokens", "8"]
+                  "3", "--gen_metrics.batch_size", "2", "--gen_metrics.generation.max_new_tokens", "8",
+                  "--samples.generation.do_sample", "false", "--gen_metrics.generation.do_sample", "false"]  # greedy
     return subprocess.run([MEDSFT, "fit", "--config", str(config), *generating, *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -11,7 +12,7 @@ from torchmetrics.functional.text.rouge import rouge_score
 
 from medsft_lightning import genmetrics
 from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.generate import Generation
+from medsft_lightning.generate import Generation, check_room
 from medsft_lightning.genmetrics import GenerationMetrics, cjk_tokens, rouge_l_f1
 from medsft_lightning.module import MedSFTModule
 from tests.conftest import make_rows, write_jsonl
@@ -93,8 +94,9 @@ def spy_generate(monkeypatch) -> list[list[dict]]:
 
 def test_callback_logs_rouge_of_its_generations_at_each_validation(tmp_path, tiny_dir, monkeypatch):
     calls = spy_generate(monkeypatch)
-    log_dir = fit(tmp_path, tiny_dir, GenerationMetrics(num_rows=3, batch_size=2,
-                                                        generation=Generation(max_new_tokens=4)), steps=2)
+    callback = GenerationMetrics(num_rows=3, batch_size=2, generation=Generation(max_new_tokens=4))
+    with pytest.warns(UserWarning, match=r"--gen_metrics.generation.max_new_tokens=4 is below the longest reference"):
+        log_dir = fit(tmp_path, tiny_dir, callback, steps=2)  # at fit start: the references are longer than 4
     # 2 validations (steps 1 and 2; the sanity check is skipped), each 3 rows in batches of 2 + 1
     assert [len(c) for c in calls] == [2, 1, 2, 1]
     logged = [r for r in metric_rows(log_dir) if r.get("val_gen/rougeL")]
@@ -106,6 +108,7 @@ def test_callback_logs_rouge_of_its_generations_at_each_validation(tmp_path, tin
         assert 0.0 <= float(row["val_gen/rougeL"]) <= 1.0
         assert float(row["val_gen/rougeL"]) == pytest.approx(rouge_l_f1(answers, references), abs=F32)
         assert float(row["val_gen/think_format_rate"]) == sum(o["well_formed"] for o in outputs) / 3
+        assert float(row["val_gen/truncation_rate"]) == sum(o["finish_reason"] == "length" for o in outputs) / 3
         assert float(row["val_gen/answer_chars"]) == pytest.approx(sum(map(len, answers)) / 3)
 
 
@@ -121,3 +124,15 @@ def test_callback_is_a_no_op_with_zero_rows(tmp_path, tiny_dir, monkeypatch):
     assert calls == []
     rows = metric_rows(log_dir)
     assert any(r.get("val_loss") for r in rows) and not any(k.startswith("val_gen/") for k in rows[0])
+
+
+def test_check_room_warns_when_max_new_tokens_is_below_the_longest_reference(recwarn):
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set=SimpleNamespace(
+        rows=[{"num_supervised": n} for n in (12, 30, 25)])))
+    with pytest.warns(UserWarning, match=r"--samples.generation.max_new_tokens=24 is below the longest reference "
+                                         r"completion of the validation rows \(30 tokens; 2 of 3 are longer\)"):
+        check_room(Generation(max_new_tokens=24), trainer, "samples.generation")
+    recwarn.clear()
+    check_room(Generation(max_new_tokens=30), trainer, "samples.generation")  # room for the longest: silent
+    check_room(Generation(max_new_tokens=1), SimpleNamespace(datamodule=None), "samples.generation")  # no data
+    assert not [w for w in recwarn if "max_new_tokens" in str(w.message)]

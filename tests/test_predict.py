@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from medsft_lightning.predict import read_answers, read_questions
+from medsft_lightning.generate import Generation
+from medsft_lightning.predict import AnswerWriter, read_answers, read_questions
 from medsft_lightning.sources import DataError
 from tests.conftest import offline_env, write_jsonl
 
@@ -48,6 +51,23 @@ def test_read_answers_cuts_a_torn_last_line(tmp_path):
     assert path.read_bytes() == b'{"id": 1}\n{"id": 2}\n'
 
 
+def test_end_of_predict_log_counts_answers_stopped_at_max_new_tokens(tmp_path, caplog):
+    answers = [{"id": i, "finish_reason": "length" if i in (1, 4, 7, 9) else "stop"} for i in reversed(range(13))]
+    out = write_jsonl(tmp_path / "answers.jsonl", answers)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name: None), is_global_zero=True,
+                              datamodule=SimpleNamespace(predict_rows=[{"id": i} for i in range(13)]))
+    with caplog.at_level(logging.INFO, logger="medsft_lightning.predict"):
+        AnswerWriter(str(out)).on_predict_end(trainer, SimpleNamespace(generation=Generation(max_new_tokens=12)))
+    assert (f"[predict] wrote 13 answer(s) to {out}; 4 of 13 (31%) stopped at max_new_tokens=12 (finish_reason: "
+            "length): raise --model.generation.max_new_tokens") in caplog.text
+    assert [a["id"] for a in read_answers(out)] == list(range(13))  # rewritten in input order
+    write_jsonl(out, [{"id": 0, "finish_reason": "stop"}])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medsft_lightning.predict"):
+        AnswerWriter(str(out)).on_predict_end(trainer, SimpleNamespace(generation=Generation(max_new_tokens=12)))
+    assert f"wrote 1 answer(s) to {out}; none stopped at max_new_tokens=12" in caplog.text
+
+
 def test_predict_writes_every_question_once_in_input_order(tmp_path, tiny_dir, cache_root):
     questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
     out = tmp_path / "answers.jsonl"
@@ -60,6 +80,12 @@ def test_predict_writes_every_question_once_in_input_order(tmp_path, tiny_dir, c
     for a in lines:
         assert set(a) == {"id", "question", "think", "answer", "raw", "finish_reason", "num_generated_tokens"}
         assert a["finish_reason"] in {"stop", "length"} and 1 <= a["num_generated_tokens"] <= 12
+    # the tiny model's config sets no sampling values: Qwen3's; the log counts the answers cut off at 12 tokens
+    decoding = "[predict] decoding: sampling (temperature 0.6, top_p 0.95, top_k 20, seed 0), max_new_tokens 12"
+    assert decoding in proc.stderr
+    cut = sum(a["finish_reason"] == "length" for a in lines)
+    expected = f"{cut} of 13 ({100 * cut / 13:.0f}%) stopped at max_new_tokens=12 (finish_reason: length)"
+    assert (expected if cut else "none stopped at max_new_tokens=12") in proc.stderr
 
 
 def test_predict_resumes_after_sigkill_and_torn_write(tmp_path, tiny_dir, cache_root):
