@@ -7,7 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsft_lightning.memory import QWEN3_ARCHS, Arch, EstimateError, arch_from_config, precision_of
+from medsft_lightning.memory import (
+    _PRECISION_ALIASES,
+    QWEN3_ARCHS,
+    Arch,
+    EstimateError,
+    arch_from_config,
+    precision_of,
+)
 
 # flag: (kind, default). Defaults are those of MedSFTModule, MedicalDataModule and Trainer (a test checks).
 FIELDS: dict[str, tuple[str, object]] = {
@@ -45,8 +52,8 @@ class Settings:
 
     @property
     def kahan(self) -> bool:
-        """``model.kahan_summation``; ``None`` (MedSFTModule): on exactly when the weights are bf16/fp16."""
-        return precision_of(self.precision).param == 2 if self.kahan_summation is None else self.kahan_summation
+        """``model.kahan_summation`` as MedSFTModule applies it: only to bf16/fp16 weights (``None`` or ``true``)."""
+        return precision_of(self.precision).param == 2 and self.kahan_summation is not False
 
     @property
     def optimizer(self) -> str:
@@ -176,8 +183,9 @@ def parse(argv: list[str]) -> tuple[Settings, list[str]]:
         devices = 1
     accelerator = str(val["trainer.accelerator"]).lower()
     fused = val["model.fused_adamw"]
-    if fused is None:  # MedSFTModule: fused when training on CUDA or the CPU
-        fused = accelerator in ("auto", "gpu", "cuda", "cpu")
+    if fused is None:  # MedSFTModule: fused when training on CUDA or the CPU, not under *-mixed precision
+        mixed = _PRECISION_ALIASES.get(str(val["trainer.precision"]), str(val["trainer.precision"])).endswith("-mixed")
+        fused = accelerator in ("auto", "gpu", "cuda", "cpu") and not mixed
     settings = Settings(
         model=val["model.model_name_or_path"], batch_size=val["data.batch_size"], max_length=val["data.max_length"],
         precision=str(val["trainer.precision"]), checkpointing=val["model.gradient_checkpointing"],

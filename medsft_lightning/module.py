@@ -77,12 +77,12 @@ class MedSFTModule(L.LightningModule):
             (``file:line``); ``skip`` warns, counts (``train_nonfinite_skipped``) and skips that batch's
             update (single process only: under DDP the other ranks would wait for it).
         fused_adamw: use PyTorch's fused AdamW kernel (one kernel per step, no per-parameter temporaries;
-            ``None``: on for CUDA and CPU, off elsewhere). On the tiny CPU model it is 6x faster than foreach.
-            Not used with Kahan summation.
+            ``None``: on for CUDA and CPU, off elsewhere and under ``*-mixed`` precision, where Lightning refuses
+            gradient clipping with it). On the tiny CPU model it is 6x faster than foreach. Not used with Kahan.
         kahan_summation: Kahan-compensated AdamW updates (torch-optimi), so that updates smaller than a bf16
             weight's resolution are not rounded away (see ``optim.py``); +2 B/param of optimizer state.
-            ``None``: on exactly when the weights are bf16/fp16 (``bf16-true``), off for fp32 weights;
-            ``false``: plain AdamW on bf16 weights (most updates at lr 1e-5 are lost).
+            ``None``/``true``: on for bf16/fp16 weights (``bf16-true``); fp32 weights (``32-true``, ``bf16-mixed``)
+            need none. ``false``: plain AdamW on bf16 weights (most updates at lr 1e-5 are lost).
     """
 
     def __init__(
@@ -221,6 +221,11 @@ class MedSFTModule(L.LightningModule):
         # under inference_mode; its inference tensors could not be updated later otherwise).
         self.val_loss.reset()
         self.val_acc.reset()
+        # bf16-true converts the whole module, metric states included, to bf16: val_loss would be logged rounded
+        # to bf16's step (0.0625 between 8 and 16: 11.96 as 12.0), blind to the improvements checkpointing and
+        # early stopping watch for. The token-weighted sums stay fp32.
+        self.val_loss.set_dtype(torch.float32)
+        self.val_acc.set_dtype(torch.float32)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_tokens, correct = self(batch)
@@ -264,6 +269,12 @@ class MedSFTModule(L.LightningModule):
             restore_rng(checkpoint.get("medsft_rng"))
 
     # -- optimisation ------------------------------------------------------------------------
+    def _fused_by_default(self) -> bool:
+        """Fused AdamW on CUDA and CPU, except under ``*-mixed`` precision, whose Lightning plugin refuses gradient
+        clipping with an optimizer that unscales inside its step (fused AdamW): full.yaml clips at 1.0."""
+        mixed = str(getattr(self._trainer, "precision", "")).endswith("-mixed")
+        return self.device.type in ("cuda", "cpu") and not mixed
+
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
@@ -274,7 +285,7 @@ class MedSFTModule(L.LightningModule):
         optimizer = optim.adamw(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate, betas=tuple(hp.betas), kahan=kahan,
-            fused=hp.fused_adamw if hp.fused_adamw is not None else self.device.type in ("cuda", "cpu"),
+            fused=hp.fused_adamw if hp.fused_adamw is not None else self._fused_by_default(),
         )
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in decay + no_decay})
         rank_zero_info(f"[optim] AdamW on {'/'.join(dtypes)} weights, "

@@ -37,8 +37,9 @@ def low_precision(params: Iterable[torch.Tensor]) -> bool:
 
 
 def use_kahan(kahan_summation: bool | None, params: Iterable[torch.Tensor]) -> bool:
-    """``model.kahan_summation``: ``None`` turns it on exactly when the weights are bf16/fp16."""
-    return low_precision(params) if kahan_summation is None else bool(kahan_summation)
+    """``model.kahan_summation``: on (``None`` or ``True``) for bf16/fp16 weights; fp32 weights (``32-true``,
+    ``bf16-mixed``) have nothing to compensate and keep PyTorch's AdamW either way; ``False``: off."""
+    return kahan_summation is not False and low_precision(params)
 
 
 def adamw(

@@ -45,8 +45,8 @@ def rows_module(tmp_path: Path, tiny_dir: Path, n: int = 12) -> MedicalDataModul
                              max_length=128, cache_dir=str(tmp_path / "cache"))
 
 
-def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False,
+def trainer(tmp_path: Path, callbacks: list, precision: str = "32-true", **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path,
                      num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
 
@@ -98,3 +98,24 @@ def test_an_interval_inside_an_accumulation_window_is_refused():
     assert any("--trainer.val_check_interval=135" in p and "e.g. 134" in p for p in problems(135))
     assert problems(134) == problems(0.25) == []
     assert any("time-based" in p for p in problems("00:00:10:00"))
+
+
+def test_bf16_true_logs_val_loss_unrounded_and_bf16_mixed_clips(tmp_path, tiny_dir):
+    """Two real-path traps: bf16-true turned the val metrics' states into bf16 (val_loss 11.96 logged as 12.0),
+    and bf16-mixed with gradient clipping stopped at the first step (Lightning refuses it with fused AdamW)."""
+    dm = rows_module(tmp_path, tiny_dir)
+    module = MedSFTModule(str(tiny_dir), gradient_checkpointing=False)
+    [logged] = trainer(tmp_path, [], precision="bf16-true").validate(module, dm)
+    dm.setup("validate")
+    total = count = 0.0
+    with torch.no_grad():  # the same bf16 model's loss, summed in Python floats
+        for batch in dm.val_dataloader():
+            loss_sum, n, _ = module(batch)
+            total, count = total + loss_sum.item(), count + n.item()
+    assert module.val_loss.mean_value.dtype == torch.float32
+    assert logged["val_loss"] == pytest.approx(total / count, abs=1e-5)
+
+    mixed = MedSFTModule(str(tiny_dir), gradient_checkpointing=False)
+    trainer(tmp_path, [], precision="bf16-mixed", max_steps=1, limit_val_batches=0, gradient_clip_val=1.0).fit(
+        mixed, rows_module(tmp_path / "mixed", tiny_dir))
+    assert not mixed.trainer.optimizers[0].defaults["fused"]
