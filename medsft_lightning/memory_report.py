@@ -31,7 +31,9 @@ def _hints(arch: Arch, s: Settings, total: int) -> list[str]:
                     "longer rows lose their end"))
     other = {"bf16-true": "bf16-mixed", "bf16-mixed": "bf16-true", "16-true": "16-mixed", "16-mixed": "16-true"}
     if s.precision in other:
-        alt.append((other[s.precision], replace(s, precision=other[s.precision]),
+        flipped = other[s.precision]  # under *-mixed MedSFTModule's default AdamW is foreach, not fused
+        fused = s.fused_adamw and not flipped.endswith("-mixed")
+        alt.append((flipped, replace(s, precision=flipped, fused_adamw=fused),
                     "fp32 weights and AdamW states" if s.precision.endswith("true") else "bf16 weights and states"))
     if s.kahan or precision_of(s.precision).param == 2:
         alt.append((f"kahan_summation {str(not s.kahan).lower()}", replace(s, kahan_summation=not s.kahan),
