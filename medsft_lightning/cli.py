@@ -132,14 +132,7 @@ class MedSFTCLI(LightningCLI):
         if unknown:
             rank_zero_info(f"[ckpt] {path}: saved hyperparameters that are no options now, ignored: {unknown}")
         self.parse_arguments(self.parser, self._argv)
-        model = self.config[sub]["model"]
-        for key, old in saved.items():
-            if key in unknown:
-                continue
-            new = _plain(model.get(key))
-            if new != _plain(old):
-                rank_zero_info(f"[ckpt] model.{key}: {new!r} from your config/flags, not the checkpoint's "
-                               f"{_plain(old)!r}")
+        _log_changes({k: v for k, v in saved.items() if k not in unknown}, self.config[sub]["model"])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -175,6 +168,8 @@ class MedSFTCLI(LightningCLI):
                               "pass the checkpoint's path, or fit without --ckpt_path")
         init["ckpt_path"] = self.config[self.subcommand]["ckpt_path"] = str(found)
         rank_zero_info(f"[resume] --ckpt_path last → {found}")
+        saved = checkpoint_metadata(found).get("hyper_parameters") or {}  # resolved only now: log what changed
+        _log_changes({k: v for k, v in saved.items() if not k.startswith("_")}, self.config[self.subcommand]["model"])
 
     def _restore_data_position(self) -> None:
         """Strategies that restore a checkpoint only after their setup (ModelParallelStrategy) build the training
@@ -233,6 +228,14 @@ class MedSFTCLI(LightningCLI):
         self._fsdp2_setup()
 
     before_test = before_predict = before_validate
+
+
+def _log_changes(saved: dict, model) -> None:
+    """Log every ``model.*`` value of the parsed config that differs from the checkpoint's saved one."""
+    for key, old in saved.items():
+        new = _plain(model.get(key))
+        if new != _plain(old):
+            rank_zero_info(f"[ckpt] model.{key}: {new!r} from your config/flags, not the checkpoint's {_plain(old)!r}")
 
 
 def _plain(value):
