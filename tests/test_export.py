@@ -37,8 +37,8 @@ def test_lora_checkpoint_with_dict_hparams_exports_merged(tmp_path, tiny_dir):
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     assert module.hparams["lora"]["r"] == 4  # kept as a plain dict, as LightningCLI saves it
-    ckpt = write_checkpoint(tmp_path / "lora.ckpt", module, model_name_or_path=str(tiny_dir), **CLI_HPARAMS,
-                            lora={"r": 4, "alpha": 32, "dropout": 0.1, "target_modules": list(LoraSettings().target_modules)})
+    lora = {"r": 4, "alpha": 32, "dropout": 0.1, "target_modules": list(LoraSettings().target_modules)}
+    ckpt = write_checkpoint(tmp_path / "lora.ckpt", module, model_name_or_path=str(tiny_dir), **CLI_HPARAMS, lora=lora)
     out = export_checkpoint(ckpt, tmp_path / "out")
     from transformers import AutoModelForCausalLM
 
