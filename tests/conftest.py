@@ -19,6 +19,19 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="leave out the e2e tests (multi-process and console-script runs): the quick subset")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--quick"):
+        return
+    kept = [item for item in items if "e2e" not in item.keywords]
+    config.hook.pytest_deselected(items=[item for item in items if "e2e" in item.keywords])
+    items[:] = kept
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Fail any test that opens a connection outside this machine."""

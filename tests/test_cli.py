@@ -13,6 +13,8 @@ import yaml
 
 from tests.conftest import make_rows, offline_env, write_jsonl
 
+pytestmark = pytest.mark.e2e  # the real console script in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
 FAKE_KEY = "sk-medsft-test-0123456789abcdef"

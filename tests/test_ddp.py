@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import make_rows, offline_env, write_jsonl
 from tests.test_resume import REPO, last_val_loss, write_config
 
+pytestmark = pytest.mark.e2e  # 2 DDP processes
+
 MEDSFT = str(Path(sys.executable).parent / "medsft")  # the console script: DDP re-launches it per rank
 
 

@@ -18,6 +18,8 @@ import torch
 from tests.conftest import make_rows, offline_env, write_jsonl
 from tests.test_resume import REPO, last_val_loss, write_config
 
+pytestmark = pytest.mark.e2e  # 2 gloo processes and real medsft fit subprocesses
+
 MEDSFT = str(Path(sys.executable).parent / "medsft")
 FSDP2 = ["--trainer.strategy", "ModelParallelStrategy", "--trainer.strategy.data_parallel_size", "2",
          "--trainer.strategy.tensor_parallel_size", "1", "--trainer.devices", "2"]

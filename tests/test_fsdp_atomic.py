@@ -118,6 +118,7 @@ def fit(work: Path, env: dict, kill_at_step: int, batch_size: str, *extra: str) 
 
 
 @pytest.mark.skipif(not Path(MEDSFT).exists(), reason="needs the installed medsft console script")
+@pytest.mark.e2e
 def test_fsdp2_killed_between_the_swap_renames_resumes_from_the_previous_folder(tmp_path, cache_root):
     env = {**offline_env(cache_root), "PYTHONPATH": str(REPO)}
     one = fit(tmp_path / "one", env, 0, "4")

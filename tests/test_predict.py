@@ -68,6 +68,7 @@ def test_end_of_predict_log_counts_answers_stopped_at_max_new_tokens(tmp_path, c
     assert f"wrote 1 answer(s) to {out}; none stopped at max_new_tokens=12" in caplog.text
 
 
+@pytest.mark.e2e
 def test_predict_writes_every_question_once_in_input_order(tmp_path, tiny_dir, cache_root):
     questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
     out = tmp_path / "answers.jsonl"
@@ -88,6 +89,7 @@ def test_predict_writes_every_question_once_in_input_order(tmp_path, tiny_dir, c
     assert (expected if cut else "none stopped at max_new_tokens=12") in proc.stderr
 
 
+@pytest.mark.e2e
 def test_predict_resumes_after_sigkill_and_torn_write(tmp_path, tiny_dir, cache_root):
     questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
     out = tmp_path / "answers.jsonl"
@@ -110,6 +112,7 @@ def test_predict_resumes_after_sigkill_and_torn_write(tmp_path, tiny_dir, cache_
     assert [a["id"] for a in lines] == [q["id"] for q in QUESTIONS]  # exactly 13, none twice, input order
 
 
+@pytest.mark.e2e
 def test_predict_on_two_processes_writes_every_question_once_in_order(tmp_path, tiny_dir, cache_root):
     medsft = Path(sys.executable).parent / "medsft"  # the console script: DDP re-launches it per rank
     if not medsft.exists():

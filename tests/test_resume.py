@@ -12,6 +12,8 @@ import yaml
 from tests.conftest import make_rows, offline_env, write_jsonl
 from tests.test_cli import DEMO, medsft
 
+pytestmark = pytest.mark.e2e  # real medsft fit subprocesses killed with SIGKILL
+
 REPO = Path(__file__).resolve().parents[1]
 
 
