@@ -167,9 +167,9 @@ def child(cfg: dict) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if cfg["arm"] == "prepare":  # build the tiny model and the encoded-row cache once, outside the timed runs
         from medsft_lightning.data import MedicalDataModule
-        from medsft_lightning.tiny import ensure_tiny_qwen3
+        from medsft_lightning.hub import TINY_MODEL, resolve_model
 
-        model = str(ensure_tiny_qwen3())
+        model = resolve_model(TINY_MODEL)
         dm = MedicalDataModule(dataset="medsft:sample", tokenizer=model, max_length=cfg["max_length"])
         dm.setup("fit")
         return {**info, "model": model, "train_rows": len(dm.train_set.rows), "val_rows": len(dm.val_set.rows),

@@ -246,9 +246,9 @@ def child(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if cfg["side"] == "prepare":  # build the tiny model and the encoded-row cache once, outside the measured runs
-        from medsft_lightning.tiny import ensure_tiny_qwen3
+        from medsft_lightning.hub import TINY_MODEL, resolve_model
 
-        cfg["model"] = str(ensure_tiny_qwen3())
+        cfg["model"] = resolve_model(TINY_MODEL)
         dm = data_module(cfg)
         dm.setup("fit")
         return {**info, "model": cfg["model"], "train_rows": len(dm.train_set.rows), "val_rows": len(dm.val_set.rows)}

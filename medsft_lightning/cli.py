@@ -31,7 +31,7 @@ from medsft_lightning.sources import DataError
 EXTRA_COMMANDS = {
     "tiny": "medsft_lightning.tiny",
     "export": "medsft_lightning.export",
-    "memory": "medsft_lightning.memory",
+    "memory": "medsft_lightning.memory_report",
     "preview": "medsft_lightning.preview",
 }
 

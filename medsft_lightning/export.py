@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -48,18 +47,6 @@ def _name_dtype(config_file: Path, dtype: torch.dtype) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def skeleton(config, dtype: torch.dtype):
-    """A causal LM of ``config`` in ``dtype`` with no weights initialised (every one is loaded afterwards), its
-    tied LM head tied."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():  # skip the random init (minutes for billions of weights)
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
-    model.tie_weights()  # no_init_weights skips the tying too
-    return model
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -119,6 +106,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = max(set(floats), key=floats.count)  # the training dtype (bf16 for bf16-true)
+    from medsft_lightning.sharding import skeleton
+
     model = skeleton(AutoConfig.from_pretrained(source), dtype)
     if (Path(source) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)

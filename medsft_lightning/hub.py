@@ -86,7 +86,7 @@ def resolve_model(
     if name_or_path == TINY_MODEL:
         from medsft_lightning.tiny import ensure_tiny_qwen3
 
-        return str(ensure_tiny_qwen3(cache_dir))
+        return str(ensure_tiny_qwen3(medsft_cache(cache_dir)))
     local = Path(name_or_path).expanduser()
     if local.exists():
         return str(local)

@@ -40,7 +40,6 @@ stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 GIB = 1024**3
@@ -290,19 +289,3 @@ def estimate(
     step = max(out["activations"] + out["loss_chunked"], out["optimizer_step_temp"])
     out["total"] = static + out["fsdp_gathered"] + step
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``medsft memory --config FILE [overrides]``: print a memory estimate for a training config."""
-    from medsft_lightning.memory_report import run
-
-    try:
-        print(run(sys.argv[1:] if argv is None else argv))
-    except EstimateError as err:
-        sys.exit(f"medsft memory: error: {err}")
-
-
-if __name__ == "__main__":  # through the package module, so that its EstimateError is the one raised
-    from medsft_lightning import memory
-
-    memory.main()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
-from medsft_lightning.memory import GIB, Arch, estimate, layer_activation_bytes, precision_of
+from medsft_lightning.memory import GIB, Arch, EstimateError, estimate, layer_activation_bytes, precision_of
 from medsft_lightning.memory_settings import FIELDS, Settings, parse, resolve_arch
 
-__all__ = ["FIELDS", "Settings", "estimate_for", "parse", "report", "resolve_arch", "run"]
+__all__ = ["FIELDS", "Settings", "estimate_for", "main", "parse", "report", "resolve_arch", "run"]
 
 
 def estimate_for(arch: Arch, s: Settings) -> dict:
@@ -141,3 +142,17 @@ def run(argv: list[str]) -> str:
     """Parse ``argv``, resolve the architecture and return the report."""
     settings, notes = parse(argv)
     return report(resolve_arch(settings.model), settings, notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``medsft memory --config FILE [overrides]``: print a memory estimate for a training config."""
+    try:
+        print(run(sys.argv[1:] if argv is None else argv))  # the command's report, on stdout
+    except EstimateError as err:
+        sys.exit(f"medsft memory: error: {err}")
+
+
+if __name__ == "__main__":  # through the package module, so that its EstimateError is the one raised
+    from medsft_lightning import memory_report
+
+    memory_report.main()

@@ -192,11 +192,21 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def skeleton(config, dtype: torch.dtype):
+    """A causal LM of ``config`` in ``dtype`` with no weights initialised (every one is loaded afterwards), its
+    tied LM head tied."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # skip the random init (minutes for billions of weights)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    model.tie_weights()  # no_init_weights skips the tying too
+    return model
+
+
 def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain (unsharded) transformers model with ``model``'s class, config and generation config, holding
     ``state`` (a full state dict; a tied LM head may be left out of it)."""
-    from medsft_lightning.export import skeleton
-
     plain = skeleton(model.config, next(iter(state.values())).dtype)  # every weight is overwritten below
     plain.generation_config = copy.deepcopy(model.generation_config)
     missing, unexpected = plain.load_state_dict(state, strict=False)

@@ -175,11 +175,10 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
     return out
 
 
-def ensure_tiny_qwen3(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the cached tiny Qwen3 folder, building it on first use."""
-    from medsft_lightning.hub import medsft_cache
-
-    out = medsft_cache(cache_dir) / "tiny-qwen3-v1"
+def ensure_tiny_qwen3(cache_root: str | os.PathLike) -> Path:
+    """Return the tiny Qwen3 folder in medsft's cache ``cache_root`` (``hub.medsft_cache()``), building it on first
+    use. Names go the other way: ``hub.resolve_model("medsft:tiny-qwen3")`` calls this."""
+    out = Path(cache_root) / "tiny-qwen3-v1"
     if not (out / "config.json").is_file():
         write_tiny_qwen3(out)
     return out

@@ -209,7 +209,7 @@ def test_resolve_arch_names_and_errors(tmp_path):
         arch_from_config({"model_type": "llama"}, "x/config.json")
 
 
-def run_memory(args: list[str], module: str = "medsft_lightning.memory") -> subprocess.CompletedProcess:
+def run_memory(args: list[str], module: str = "medsft_lightning.memory_report") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
