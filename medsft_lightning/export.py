@@ -98,6 +98,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 
     from medsft_lightning import hub
     from medsft_lightning.lora import LoraSettings, apply_lora
+    from medsft_lightning.module import as_dataclass
 
     checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -111,9 +112,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     model = skeleton(AutoConfig.from_pretrained(source), dtype)
     if (Path(source) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
-    if hparams.get("lora"):
-        lora = hparams["lora"]
-        model = apply_lora(model, LoraSettings(**lora) if isinstance(lora, dict) else lora)
+    if hparams.get("lora"):  # a dict as LightningCLI saves it
+        model = apply_lora(model, as_dataclass(LoraSettings, hparams["lora"]))
     model.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
     logger.info("[export] %s: %d weights in %s (%s)", ckpt_path, len(state), dtype, hparams["model_name_or_path"])
     return save_hf(model, AutoTokenizer.from_pretrained(source), out_dir)

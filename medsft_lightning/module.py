@@ -30,7 +30,7 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _as(cls: type, value):
+def as_dataclass(cls: type, value):
     """``value`` as a ``cls`` dataclass: a dict's keys become its fields; ``None`` and instances pass through."""
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(cls)}
@@ -108,8 +108,8 @@ class MedSFTModule(L.LightningModule):
         self.save_hyperparameters()
         # Nested settings arrive as dataclasses (Python) or dicts (LightningCLI's saved config, a checkpoint's
         # hyper_parameters): objects here, plain dicts in hparams, so every checkpoint loads with weights_only=True.
-        self.generation = _as(Generation, generation) or Generation()
-        self.lora = _as(LoraSettings, lora)
+        self.generation = as_dataclass(Generation, generation) or Generation()
+        self.lora = as_dataclass(LoraSettings, lora)
         for key, value in (("generation", generation), ("lora", lora)):
             if dataclasses.is_dataclass(value):
                 self.hparams[key] = dataclasses.asdict(value)

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from medsft_lightning.generate import truncation
 from medsft_lightning.sources import DataError, read_records
 
 logger = logging.getLogger(__name__)
@@ -133,11 +134,10 @@ class AnswerWriter(BasePredictionWriter):
 
 def log_written(answers: list[dict], path: Path, max_new_tokens: int | None) -> None:
     """The end-of-run line: answers written, and how many stopped at ``max_new_tokens`` (a warning if any)."""
-    cut = sum(a.get("finish_reason") == "length" for a in answers)
+    cut, share = truncation(answers)
     where = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else "max_new_tokens"
     if not cut:
         logger.info("[predict] wrote %d answer(s) to %s; none stopped at %s", len(answers), path, where)
         return
     logger.warning("[predict] wrote %d answer(s) to %s; %d of %d (%.0f%%) stopped at %s (finish_reason: length): "
-                   "raise --model.generation.max_new_tokens", len(answers), path, cut, len(answers),
-                   100 * cut / len(answers), where)
+                   "raise --model.generation.max_new_tokens", len(answers), path, cut, len(answers), 100 * share, where)

@@ -126,21 +126,16 @@ def select_data_files(path: Path, patterns: Sequence[str] | None = None) -> Data
     chosen: set[Path] = set()
     for pattern in patterns:
         if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-            raise ValueError(f"data.data_files: {pattern!r} is not a glob pattern relative to the folder {path}")
+            raise DataError(f"data.data_files: {pattern!r} is not a glob pattern relative to the folder {path}")
         matched = [p for p in path.glob(pattern) if p.is_file() and not _hidden(p, path)]
         if not matched:
             raise FileNotFoundError(
                 f"data.data_files: {pattern!r} matches no file in {path} (it holds: {_listing(visible, path)})")
         chosen.update(matched)
     if wrong := sorted(p for p in chosen if p.suffix not in DATA_SUFFIXES):
-        raise ValueError(f"data.data_files={list(patterns)!r}: {_listing(wrong, path)} in {path}: "
+        raise DataError(f"data.data_files={list(patterns)!r}: {_listing(wrong, path)} in {path}: "
                          "not a .jsonl or .json file")
     return DataFiles(path, sorted(chosen))
-
-
-def data_files(path: Path, patterns: Sequence[str] | None = None) -> list[Path]:
-    """The files of a file or folder to read as rows (sorted); see :func:`select_data_files`."""
-    return select_data_files(path, patterns).files
 
 
 def _check_row(obj: object) -> list[str]:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from medsft_lightning.sources import DataError, data_files, fingerprint, read_rows, split_indices
+from medsft_lightning.sources import DataError, fingerprint, read_rows, select_data_files, split_indices
 from tests.conftest import make_rows, write_jsonl
 
 
@@ -25,7 +25,7 @@ def test_reads_jsonl_json_and_folders(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", make_rows(2))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.json").write_text(json.dumps(make_rows(3)), encoding="utf-8")
-    files = data_files(tmp_path)
+    files = select_data_files(tmp_path).files
     assert [f.name for f in files] == ["a.jsonl", "b.json"]
     got = read_rows(files)
     assert len(got.rows) == 5 and not got.problems
@@ -63,7 +63,7 @@ def test_json_array_rows_are_named_by_their_index_in_their_own_file(tmp_path):
     good = make_rows(3)
     write_jsonl(tmp_path / "a.jsonl", good[:2])
     (tmp_path / "b.json").write_text(json.dumps([good[2], {**good[0], "question": 1}]), encoding="utf-8")
-    rows = read_rows(data_files(tmp_path))
+    rows = read_rows(select_data_files(tmp_path).files)
     assert rows.where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:2", f"{tmp_path / 'b.json'}[0]"]
     assert rows.problems == [f"{tmp_path / 'b.json'}[1]: question: expected a string, got int"]
 
@@ -86,8 +86,7 @@ def fake_snapshot(folder, n_rows: int = 5):
 
 def test_default_data_files_skip_hub_metadata_and_hidden_files(tmp_path):
     folder = fake_snapshot(tmp_path / "snapshot")
-    assert data_files(folder) == [folder / "r1_data_example.jsonl"]
-    from medsft_lightning.sources import select_data_files
+    assert select_data_files(folder).files == [folder / "r1_data_example.jsonl"]
 
     chosen = select_data_files(folder)
     assert chosen.metadata == [folder / "configuration.json", folder / "dataset_infos.json"]
@@ -98,7 +97,7 @@ def test_default_data_files_skip_hub_metadata_and_hidden_files(tmp_path):
     # Only metadata left: the error names the folder, what it holds and the option to set.
     (folder / "r1_data_example.jsonl").unlink()
     with pytest.raises(FileNotFoundError) as err:
-        data_files(folder)
+        select_data_files(folder).files
     assert str(err.value) == (
         f"{folder}: folder holds no .jsonl or .json data file besides hub metadata (configuration.json, "
         "dataset_infos.json); it holds: README.md, configuration.json, dataset_infos.json. Set data.data_files to "
@@ -109,18 +108,19 @@ def test_data_files_patterns_choose_the_files_and_name_the_option_when_wrong(tmp
     folder = fake_snapshot(tmp_path / "snapshot")
     write_jsonl(folder / "train" / "part-0.jsonl", make_rows(2))
     write_jsonl(folder / "train" / "part-1.jsonl", make_rows(3))
-    assert data_files(folder, ["train/*.jsonl"]) == [folder / "train/part-0.jsonl", folder / "train/part-1.jsonl"]
-    assert data_files(folder, ["**/*.jsonl"]) == [folder / "r1_data_example.jsonl", folder / "train/part-0.jsonl",
-                                                  folder / "train/part-1.jsonl"]  # never under ._____temp/
-    assert data_files(folder, ["configuration.json"]) == [folder / "configuration.json"]  # asked for: read
+    parts = [folder / "train/part-0.jsonl", folder / "train/part-1.jsonl"]
+    assert select_data_files(folder, ["train/*.jsonl"]).files == parts
+    everything = select_data_files(folder, ["**/*.jsonl"]).files
+    assert everything == [folder / "r1_data_example.jsonl", *parts]  # never under ._____temp/
+    assert select_data_files(folder, ["configuration.json"]).files == [folder / "configuration.json"]  # asked for: read
     with pytest.raises(FileNotFoundError) as err:
-        data_files(folder, ["*.jsonl", "test/*.jsonl"])
+        select_data_files(folder, ["*.jsonl", "test/*.jsonl"]).files
     assert str(err.value) == (
         f"data.data_files: 'test/*.jsonl' matches no file in {folder} (it holds: README.md, configuration.json, "
         "dataset_infos.json, r1_data_example.jsonl, train/part-0.jsonl, train/part-1.jsonl)")
     with pytest.raises(ValueError, match=r"data.data_files=\['\*.md'\]: README.md in .*: not a .jsonl or .json"):
-        data_files(folder, ["*.md"])
+        select_data_files(folder, ["*.md"]).files
     with pytest.raises(ValueError, match="not a glob pattern relative to the folder"):
-        data_files(folder, [str(folder / "*.jsonl")])
+        select_data_files(folder, [str(folder / "*.jsonl")]).files
     # A single file is read as given, whatever its name.
-    assert data_files(folder / "configuration.json", ["train/*.jsonl"]) == [folder / "configuration.json"]
+    assert select_data_files(folder / "configuration.json", ["train/*.jsonl"]).files == [folder / "configuration.json"]
