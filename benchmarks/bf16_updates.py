@@ -3,7 +3,7 @@
 At ``lr`` 1e-5 an AdamW update (~1e-5 per weight) is smaller than half the bf16 resolution of a weight near
 0.02 (~6e-5), and RMSNorm weights sit at 1.0 (resolution 2^-8 below, 2^-7 above): under ``precision:
 bf16-true`` with plain AdamW most updates round away. ``model.kahan_summation`` (default ``None``: on for
-bf16 weights, ``medsft_lightning/optim.py``) keeps what rounding lost and adds it back. This trains the tiny
+bf16 weights, ``medsft_lightning/training/optim.py``) keeps what rounding lost and adds it back. This trains the tiny
 Qwen3 (``medsft:tiny-qwen3``: hidden 64, 2 layers, the real 151,936-token vocabulary, random init) from the
 same init on the same rows in the same order with a real ``lightning.Trainer`` + ``MedSFTModule`` +
 ``MedicalDataModule("medsft:sample")`` (86 train / 10 val rows, truncated to ``--max_length`` so steps are
@@ -121,8 +121,8 @@ def train_arm(cfg: dict) -> dict:
     """Validate, train ``cfg["steps"]`` optimizer steps, validate; losses, timings and the weight drift."""
     import lightning as L
 
-    from medsft_lightning.data import MedicalDataModule
-    from medsft_lightning.module import MedSFTModule
+    from medsft_lightning.data.datamodule import MedicalDataModule
+    from medsft_lightning.training.module import MedSFTModule
 
     class TalliedModule(MedSFTModule):
         """Validation loss summed in Python floats: under bf16-true the logged ``val_loss`` is bf16-rounded."""
@@ -166,7 +166,7 @@ def child(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if cfg["arm"] == "prepare":  # build the tiny model and the encoded-row cache once, outside the timed runs
-        from medsft_lightning.data import MedicalDataModule
+        from medsft_lightning.data.datamodule import MedicalDataModule
         from medsft_lightning.hub import TINY_MODEL, resolve_model
 
         model = resolve_model(TINY_MODEL)

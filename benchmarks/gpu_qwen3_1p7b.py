@@ -98,10 +98,10 @@ def run_medsft(model_dir: Path, rows, batch: int, accumulate: int, steps: int, c
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from medsft_lightning.collate import pad_collate
-    from medsft_lightning.data import EncodedDataset
-    from medsft_lightning.module import MedSFTModule
-    from medsft_lightning.sampler import WindowBatchSampler
+    from medsft_lightning.data.collate import pad_collate
+    from medsft_lightning.data.datamodule import EncodedDataset
+    from medsft_lightning.data.sampler import WindowBatchSampler
+    from medsft_lightning.training.module import MedSFTModule
 
     timer = Timer(warmup=2)
 

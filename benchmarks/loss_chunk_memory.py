@@ -1,11 +1,11 @@
-"""Peak memory of the chunked LM-head loss: ``memory.chunked_loss_bytes`` vs what ``loss.py`` allocates, CPU.
+"""Peak memory of the chunked LM-head loss: ``memory.chunked_loss_bytes`` vs what ``training/loss.py`` allocates, CPU.
 
 Each case runs forward + backward of the loss's autograd function on leaf ``[tokens, hidden]`` rows and a
 ``[vocab, hidden]`` weight in a fresh process (``tests/memory_probe.py``: the rise of the peak RSS over the
 RSS before the call, glibc's mmap threshold fixed so that every large tensor is its own mapping). Two
 implementations side by side:
 
-- new: ``medsft_lightning.loss._ChunkedLinearCE`` (``_ChunkBuffers``: one fp32 logits buffer, one buffer of
+- new: ``medsft_lightning.training.loss._ChunkedLinearCE`` (``_ChunkBuffers``: one fp32 logits buffer, one buffer of
   the weight dtype for the bf16 GEMM output / gradient copy, one ``[vocab, hidden]`` buffer for each
   chunk's bf16 LM-head gradient GEMM, added in place into the fp32 accumulator).
 - old: the same function as it was before (``OldChunkedLinearCE`` below, verbatim): per chunk a fresh bf16
@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medsft_lightning import loss  # noqa: E402
-from medsft_lightning.memory import GIB, QWEN3_ARCHS, Arch, chunked_loss_bytes, precision_of  # noqa: E402
+from medsft_lightning.tools.memory import GIB, QWEN3_ARCHS, Arch, chunked_loss_bytes, precision_of  # noqa: E402
+from medsft_lightning.training import loss  # noqa: E402
 from tests.memory_probe import run_cases  # noqa: E402
 
 MIB = 1024**2

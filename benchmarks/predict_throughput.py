@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medsft_lightning import hub  # noqa: E402
-from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT, prompt_messages  # noqa: E402
+from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT, prompt_messages  # noqa: E402
 
 
 def questions(n: int) -> list[dict]:
@@ -48,10 +48,10 @@ def medsft_predict(model_path: str, rows, batch_size: int, max_new_tokens: int, 
     """``medsft predict``'s own path: DataModule (sorted batches) → predict_step → AnswerWriter."""
     import lightning as L
 
-    from medsft_lightning.data import MedicalDataModule
-    from medsft_lightning.generate import Generation
-    from medsft_lightning.module import MedSFTModule
-    from medsft_lightning.predict import AnswerWriter
+    from medsft_lightning.data.datamodule import MedicalDataModule
+    from medsft_lightning.generation.generate import Generation
+    from medsft_lightning.generation.predict import AnswerWriter
+    from medsft_lightning.training.module import MedSFTModule
 
     qfile = workdir / "questions.jsonl"
     qfile.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -135,7 +135,7 @@ def seed_process_func(example: dict, tokenizer, max_length: int, system_prompt: 
 
 def data_module(cfg: dict, batching: str = "pad"):
     """The DataModule both sides take their rows from (``batching`` passed only when not ``pad``)."""
-    from medsft_lightning.data import MedicalDataModule
+    from medsft_lightning.data.datamodule import MedicalDataModule
 
     extra = {} if batching == "pad" else {"batching": batching}
     batch_size = cfg["pack_batch_size"] if batching == "pack" else cfg["batch_size"]
@@ -159,7 +159,7 @@ def run_seed(cfg: dict, meter: Meter) -> tuple[object, list[dict]]:
         TrainingArguments,
     )
 
-    from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT
+    from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
 
     if importlib.util.find_spec("accelerate") is None:
         raise SystemExit("the seed recipe's HF Trainer needs accelerate: pip install accelerate")
@@ -204,7 +204,7 @@ def run_medsft(cfg: dict, meter: Meter) -> tuple[object, list[dict]]:
     """Train with lightning.Trainer + MedSFTModule + MedicalDataModule; return the model and the val rows."""
     import lightning as L
 
-    from medsft_lightning.module import MedSFTModule
+    from medsft_lightning.training.module import MedSFTModule
 
     class MeasuredModule(MedSFTModule):
         def forward(self, batch):
@@ -223,7 +223,7 @@ def run_medsft(cfg: dict, meter: Meter) -> tuple[object, list[dict]]:
     dm = data_module(cfg, cfg["mode"])
     lora = None
     if cfg.get("lora"):
-        from medsft_lightning.lora import LoraSettings
+        from medsft_lightning.training.lora import LoraSettings
 
         lora = LoraSettings()
     module = MeasuredModule(model_name_or_path=cfg["model"], gradient_checkpointing=cfg["ckpt"], lora=lora,

@@ -11,28 +11,28 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from medsft_lightning.callbacks import SampleGenerations
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.encoding import TemplateError
-from medsft_lightning.genmetrics import GenerationMetrics
-from medsft_lightning.loggers import MedSwanLabLogger
-from medsft_lightning.module import MedSFTModule
-from medsft_lightning.packing import ROW_MASK_ATTENTION
-from medsft_lightning.predict import AnswerWriter
-from medsft_lightning.resume import (
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.data.encoding import TemplateError
+from medsft_lightning.data.packing import ROW_MASK_ATTENTION
+from medsft_lightning.data.sources import DataError
+from medsft_lightning.generation.metrics import GenerationMetrics
+from medsft_lightning.generation.predict import AnswerWriter
+from medsft_lightning.generation.samples import SampleGenerations
+from medsft_lightning.training.loggers import MedSwanLabLogger
+from medsft_lightning.training.module import MedSFTModule
+from medsft_lightning.training.resume import (
     AtomicCheckpointIO,
     UnsafeCheckpointError,
     checkpoint_metadata,
     find_last_checkpoint,
 )
-from medsft_lightning.sharding import prepare_fsdp2
-from medsft_lightning.sources import DataError
+from medsft_lightning.training.sharding import prepare_fsdp2
 
 EXTRA_COMMANDS = {
-    "tiny": "medsft_lightning.tiny",
-    "export": "medsft_lightning.export",
-    "memory": "medsft_lightning.memory_report",
-    "preview": "medsft_lightning.preview",
+    "tiny": "medsft_lightning.hub.tiny",
+    "export": "medsft_lightning.training.export",
+    "memory": "medsft_lightning.tools.memory_report",
+    "preview": "medsft_lightning.tools.preview",
 }
 
 
@@ -88,7 +88,7 @@ class MedSFTCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.model_revision", "data.tokenizer_revision")
         parser.link_arguments("model.cache_dir", "data.cache_dir")
-        # The WindowBatchSampler shards rows across ranks itself (see sampler.py).
+        # The WindowBatchSampler shards rows across ranks itself (see data/sampler.py).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.add_lightning_class_args(GenerationMetrics, "gen_metrics")
@@ -184,8 +184,9 @@ class MedSFTCLI(LightningCLI):
             self.datamodule.load_state_dict(state)
 
     def _fsdp2_setup(self) -> None:
-        """ModelParallelStrategy (FSDP2): the strategy's adjustments (:func:`~medsft_lightning.sharding.prepare_fsdp2`)
-        and a word on the generating callbacks, which run on every rank in lockstep (see callbacks.py)."""
+        """ModelParallelStrategy (FSDP2): the strategy's adjustments (:func:`~medsft_lightning.training.sharding.
+        prepare_fsdp2`) and a word on the generating callbacks, which run on every rank in lockstep (see
+        generation/samples.py)."""
         if not prepare_fsdp2(self.trainer):
             return
         generating = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, SampleGenerations)
@@ -210,7 +211,7 @@ class MedSFTCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks before rank zero goes on alone
         if not self.config[self.subcommand].get("export"):
             return
-        from medsft_lightning.export import export_sharded, load_checkpoint_weights, save_hf
+        from medsft_lightning.training.export import export_sharded, load_checkpoint_weights, save_hf
 
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if self.model.fsdp_root is not None:  # FSDP2: every rank takes part in loading and gathering the weights

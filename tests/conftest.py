@@ -49,7 +49,7 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     """A MEDSFT_CACHE holding the tiny Qwen3 (built once per session, ~15 s)."""
-    from medsft_lightning.tiny import ensure_tiny_qwen3
+    from medsft_lightning.hub.tiny import ensure_tiny_qwen3
 
     root = tmp_path_factory.mktemp("medsft-cache")
     ensure_tiny_qwen3(root)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NEW_LOSS = "medsft_lightning.loss:_ChunkedLinearCE"
+NEW_LOSS = "medsft_lightning.training.loss:_ChunkedLinearCE"
 
 
 def run_cases(cases: list[dict], timeout: float = 300) -> list[dict]:
@@ -81,7 +81,7 @@ def _step_case(case: dict) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from medsft_lightning import optim
+    from medsft_lightning.training import optim
 
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(**case["config"])).to(getattr(torch, case["dtype"]))

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-from medsft_lightning.callbacks import SampleGenerations
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.generate import Generation
-from medsft_lightning.module import MedSFTModule
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.generation.generate import Generation
+from medsft_lightning.generation.samples import SampleGenerations
+from medsft_lightning.training.module import MedSFTModule
 from tests.conftest import make_rows, write_jsonl
 
 

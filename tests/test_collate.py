@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medsft_lightning.collate import pad_collate
+from medsft_lightning.data.collate import pad_collate
 
 ROWS = [
     {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "row_id": 3, "window_tokens": 9},

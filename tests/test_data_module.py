@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medsft_lightning.data import MedicalDataModule
+from medsft_lightning.data.datamodule import MedicalDataModule
 from tests.conftest import make_rows, write_jsonl
 
 
@@ -34,7 +34,7 @@ def test_modelscope_snapshot_rows_are_read_and_hub_metadata_skipped(tmp_path, ti
     snapshot = fake_snapshot(tmp_path / "snapshot", n_rows=20)
     monkeypatch.setattr(hub, "download_dataset", lambda dataset_id, revision, cache_dir: str(snapshot))
     logged: list[str] = []
-    monkeypatch.setattr("medsft_lightning.data.rank_zero_info", logged.append)
+    monkeypatch.setattr("medsft_lightning.data.datamodule.rank_zero_info", logged.append)
     dm = MedicalDataModule(dataset="krisfu/delicate_medical_r1_data", tokenizer=str(tiny_dir), max_length=256,
                            batch_size=2, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
@@ -59,7 +59,7 @@ def test_modelscope_snapshot_rows_are_read_and_hub_metadata_skipped(tmp_path, ti
 
 def test_validation_is_sharded_across_ranks_with_equal_batch_counts():
     """Rank r of 2 validates rows r, r+2, …; the shorter shard is padded with rows that supervise nothing."""
-    from medsft_lightning.data import EncodedDataset
+    from medsft_lightning.data.datamodule import EncodedDataset
 
     rows = [{"input_ids": [5] * (3 + i), "attention_mask": [1] * (3 + i), "labels": [-100, -100] + [7] * (1 + i),
              "row_id": i, "num_supervised": 1 + i} for i in range(7)]

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.encoding import encode_rows, token_lengths
-from medsft_lightning.sources import DataError, read_rows
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.data.encoding import encode_rows, token_lengths
+from medsft_lightning.data.sources import DataError, read_rows
 from tests.conftest import make_rows, offline_env, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_stats_are_logged_and_saved_with_the_run_hyperparameters(tmp_path, tiny_
     from lightning.pytorch.loggers import CSVLogger
 
     logged: list[str] = []
-    monkeypatch.setattr("medsft_lightning.data.rank_zero_info", logged.append)
+    monkeypatch.setattr("medsft_lightning.data.datamodule.rank_zero_info", logged.append)
     data = write_jsonl(tmp_path / "rows.jsonl", make_rows(6))
     dm = module(tmp_path, tiny_dir, data)
     dm.trainer = SimpleNamespace(world_size=1, loggers=[CSVLogger(tmp_path / "runs", name="demo")])
@@ -232,8 +232,8 @@ def test_stats_are_logged_and_saved_with_the_run_hyperparameters(tmp_path, tiny_
 # -- medsft preview -------------------------------------------------------------------------------------
 def test_preview_shows_the_label_mask_and_length_statistics(tmp_path, cache_root, tokenizer):
     from medsft_lightning import hub
-    from medsft_lightning.formatting import DEFAULT_SYSTEM_PROMPT, prompt_messages
-    from medsft_lightning.sources import split_indices
+    from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT, prompt_messages
+    from medsft_lightning.data.sources import split_indices
     cmd = [sys.executable, "-c", "from medsft_lightning.cli import cli_main; cli_main()", "preview", "--config",
            str(REPO / "configs" / "demo.yaml"), "--data.max_length", "300", "--row", "2", "--color", "always"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(cache_root), capture_output=True, text=True, timeout=180)

@@ -4,10 +4,10 @@ defaults from the model's generation config, seeded sampling, presence/repetitio
 import pytest
 import torch
 
-from medsft_lightning.callbacks import SampleGenerations
-from medsft_lightning.decode import LastTokenHead, Penalties, decode, penalize, pick_tokens
-from medsft_lightning.generate import STOP_TOKENS, Generation, generate_batch, generation_mode, left_pad
-from medsft_lightning.genmetrics import GenerationMetrics
+from medsft_lightning.generation.decode import LastTokenHead, Penalties, decode, penalize, pick_tokens
+from medsft_lightning.generation.generate import STOP_TOKENS, Generation, generate_batch, generation_mode, left_pad
+from medsft_lightning.generation.metrics import GenerationMetrics
+from medsft_lightning.generation.samples import SampleGenerations
 
 PROMPTS = ("Fever for two days", "A child has a rash and a cough since last night, what now?", "Headache")
 
@@ -81,7 +81,7 @@ def test_last_token_head_matches_linear_and_reuses_one_buffer():
 def test_misaligned_weights_are_realigned_and_stay_tied(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from medsft_lightning.module import own_aligned_memory
+    from medsft_lightning.training.module import own_aligned_memory
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     # What from_pretrained gives today (views of the mmapped file at 8-byte offsets), made certain whatever

@@ -128,7 +128,11 @@ def guarded(self, address):  # nothing here may reach the network
     return real_connect(self, address)
 socket.socket.connect = guarded
 
-from medsft_lightning import export, preview, tiny
+from medsft_lightning.training import export
+
+from medsft_lightning.tools import preview
+
+from medsft_lightning.hub import tiny
 from medsft_lightning.cli import EXTRA_COMMANDS, cli_main
 
 calls = []
@@ -340,9 +344,11 @@ def test_links_and_named_files_resolve(doc):
             assert anchor in _anchors(file.read_text(encoding="utf-8")), f"{doc.name}: link to {target}: no heading"
     for named in re.findall(r"`((?:configs|tests|benchmarks|medsft_lightning|docs)/[\w./-]+)`", prose):
         assert (REPO / named).exists(), f"{doc.name}: `{named}` does not exist"
-    for dotted in re.findall(r"`medsft_lightning\.(\w+)\.(\w+)`", prose):
-        source = (REPO / "medsft_lightning" / f"{dotted[0]}.py").read_text(encoding="utf-8")
-        assert re.search(rf"^(class|def) {dotted[1]}\b", source, flags=re.M), f"{doc.name}: {'.'.join(dotted)}"
+    for module, name in re.findall(r"`medsft_lightning\.([\w.]+)\.(\w+)`", prose):
+        base = REPO / "medsft_lightning" / module.replace(".", "/")
+        source = (base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py")
+        assert re.search(rf"^(class|def) {name}\b", source.read_text(encoding="utf-8"), flags=re.M), \
+            f"{doc.name}: {module}.{name}"
 
 
 def test_readme_links_every_docs_page():
@@ -353,7 +359,7 @@ def test_readme_links_every_docs_page():
 def test_design_names_only_modules_that_exist():
     text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
     picture = next(body for language, _, body in fenced_blocks(text) if not language)
-    named = set(re.findall(r"\b(\w+)\.py\b", "\n".join(picture)))
+    named = set(re.findall(r"(?<![\w/])([\w/]+\.py)\b", "\n".join(picture)))
     assert len(named) > 20
-    missing = sorted(n for n in named if not (REPO / "medsft_lightning" / f"{n}.py").is_file())
+    missing = sorted(n for n in named if not (REPO / "medsft_lightning" / n).is_file())
     assert not missing, missing

@@ -2,9 +2,9 @@
 
 import pytest
 
-from medsft_lightning.data import encode_example
-from medsft_lightning.encoding import TemplateError, encode_rows
-from medsft_lightning.formatting import row_to_messages, split_think_answer
+from medsft_lightning.data.datamodule import encode_example
+from medsft_lightning.data.encoding import TemplateError, encode_rows
+from medsft_lightning.data.formatting import row_to_messages, split_think_answer
 
 ROW = {"question": "Q?", "think": "T", "answer": "A.", "instruction": "", "metrics": {}}
 # Hand-checked against the published Qwen3 tokenizer and template.

@@ -49,8 +49,8 @@ def _generations(model, root, tiny: str) -> dict[str, list]:
     token and leaves the batch; ``root`` set: the FSDP2 model, every rank in lockstep."""
     from transformers import AutoTokenizer
 
-    from medsft_lightning.decode import decode
-    from medsft_lightning.generate import Generation, generate_batch, generation_mode, left_pad
+    from medsft_lightning.generation.decode import decode
+    from medsft_lightning.generation.generate import Generation, generate_batch, generation_mode, left_pad
 
     tokenizer, sharded = AutoTokenizer.from_pretrained(tiny), root is not None
     prompts = [tokenizer(t)["input_ids"] for t in ("Fever?", "What helps a headache?", "A cough for weeks: what next?")]
@@ -68,7 +68,7 @@ def _rank(rank: int, port: int, tiny: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from medsft_lightning.sharding import gather_full_state_dict, shard_causal_lm, unsharded_copy
+    from medsft_lightning.training.sharding import gather_full_state_dict, shard_causal_lm, unsharded_copy
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -114,7 +114,7 @@ def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
     a row leaving the batch: 1 process's tokens), and the gathered weights rebuild the unsharded model exactly."""
     import torch.multiprocessing as mp
 
-    from medsft_lightning.sharding import lm_loss
+    from medsft_lightning.training.sharding import lm_loss
 
     out = tmp_path / "two.pt"
     mp.spawn(_rank, args=(_free_port(), str(tiny_dir), str(out)), nprocs=2)
@@ -179,8 +179,8 @@ def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
     """3 runs of medsft fit (1 process; 2 FSDP2 processes killed; resumed), samples on: ~41 s on 2 idle cores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medsft_lightning.export import export_checkpoint
-    from medsft_lightning.sharding import read_sharded_checkpoint
+    from medsft_lightning.training.export import export_checkpoint
+    from medsft_lightning.training.sharding import read_sharded_checkpoint
 
     env = {**offline_env(cache_root), "PYTHONPATH": str(REPO)}
     one = fit(tmp_path / "one", env, "batches.jsonl", 0, "--data.batch_size", "4")

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from medsft_lightning import resume
-from medsft_lightning.resume import clear_leftovers, find_last_checkpoint, swap_in_folder
+from medsft_lightning.training import resume
+from medsft_lightning.training.resume import clear_leftovers, find_last_checkpoint, swap_in_folder
 from tests.conftest import make_rows, offline_env, write_jsonl
 from tests.test_fsdp import FSDP2, MEDSFT, rows_by_step
 from tests.test_resume import REPO, last_val_loss, write_config

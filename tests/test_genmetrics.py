@@ -10,11 +10,11 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.functional.text.rouge import rouge_score
 
-from medsft_lightning import genmetrics
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.generate import Generation, check_room
-from medsft_lightning.genmetrics import GenerationMetrics, cjk_tokens, rouge_l_f1
-from medsft_lightning.module import MedSFTModule
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.generation import metrics as genmetrics
+from medsft_lightning.generation.generate import Generation, check_room
+from medsft_lightning.generation.metrics import GenerationMetrics, cjk_tokens, rouge_l_f1
+from medsft_lightning.training.module import MedSFTModule
 from tests.conftest import make_rows, write_jsonl
 
 # torchmetrics computes in float32

@@ -1,4 +1,4 @@
-from medsft_lightning.loggers import MedSwanLabLogger, resolve_mode, scrub
+from medsft_lightning.training.loggers import MedSwanLabLogger, resolve_mode, scrub
 
 
 def test_auto_mode_never_prompts(monkeypatch, tmp_path):

@@ -4,10 +4,10 @@ import lightning as L
 import pytest
 import torch
 
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.export import save_hf
-from medsft_lightning.lora import LoraSettings
-from medsft_lightning.module import MedSFTModule
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.training.export import save_hf
+from medsft_lightning.training.lora import LoraSettings
+from medsft_lightning.training.module import MedSFTModule
 from tests.conftest import make_rows, write_jsonl
 
 pytest.importorskip("peft")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from medsft_lightning import loss
-from medsft_lightning.memory import Arch, chunked_loss_bytes, precision_of
+from medsft_lightning.tools.memory import Arch, chunked_loss_bytes, precision_of
+from medsft_lightning.training import loss
 from tests.memory_probe import run_cases
 
 MIB = 1024**2

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from medsft_lightning.memory import (
+from medsft_lightning.tools.memory import (
     GIB,
     QWEN3_ARCHS,
     Arch,
@@ -26,7 +26,7 @@ from medsft_lightning.memory import (
     param_count,
     stored_param_count,
 )
-from medsft_lightning.memory_report import FIELDS, estimate_for, parse, resolve_arch
+from medsft_lightning.tools.memory_report import FIELDS, estimate_for, parse, resolve_arch
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = str(REPO / "configs" / "full.yaml")
@@ -50,7 +50,7 @@ def real_counts(config: Qwen3Config) -> tuple[int, int]:
 
 
 def test_param_count_of_the_tiny_model_is_exact():
-    from medsft_lightning.tiny import TINY_CONFIG, VOCAB_SIZE
+    from medsft_lightning.hub.tiny import TINY_CONFIG, VOCAB_SIZE
 
     arch = resolve_arch("medsft:tiny-qwen3")
     params, stored = real_counts(Qwen3Config(vocab_size=VOCAB_SIZE, **TINY_CONFIG))
@@ -189,8 +189,8 @@ def test_parse_reads_config_and_flags_win():
 
 
 def test_defaults_are_the_modules_defaults():
-    from medsft_lightning.data import MedicalDataModule
-    from medsft_lightning.module import MedSFTModule
+    from medsft_lightning.data.datamodule import MedicalDataModule
+    from medsft_lightning.training.module import MedSFTModule
 
     for field, (_, default) in FIELDS.items():
         section, key = field.split(".")
@@ -209,7 +209,7 @@ def test_resolve_arch_names_and_errors(tmp_path):
         arch_from_config({"model_type": "llama"}, "x/config.json")
 
 
-def run_memory(args: list[str], module: str = "medsft_lightning.memory_report") -> subprocess.CompletedProcess:
+def run_memory(args: list[str], module: str = "medsft_lightning.tools.memory_report") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

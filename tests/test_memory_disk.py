@@ -17,8 +17,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from medsft_lightning import optim
-from medsft_lightning.memory import (
+from medsft_lightning.tools.memory import (
     GIB,
     QWEN3_ARCHS,
     Arch,
@@ -27,7 +26,8 @@ from medsft_lightning.memory import (
     optimizer_step_temp_bytes,
     vector_param_count,
 )
-from medsft_lightning.memory_report import estimate_for, parse, report, resolve_arch
+from medsft_lightning.tools.memory_report import estimate_for, parse, report, resolve_arch
+from medsft_lightning.training import optim
 from tests.memory_probe import REPO, run_cases
 
 MIB = 1024**2
@@ -38,7 +38,7 @@ N_1P7B = 1_720_574_976
 
 @pytest.fixture(scope="module")
 def tiny_bf16():
-    from medsft_lightning.tiny import TINY_CONFIG, VOCAB_SIZE
+    from medsft_lightning.hub.tiny import TINY_CONFIG, VOCAB_SIZE
 
     torch.manual_seed(0)
     return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB_SIZE, **TINY_CONFIG)).to(torch.bfloat16)

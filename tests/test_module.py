@@ -4,9 +4,9 @@ import lightning as L
 import pytest
 import torch
 
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.loss import chunked_cross_entropy
-from medsft_lightning.module import MedSFTModule, warmup_cosine
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.training.loss import chunked_cross_entropy
+from medsft_lightning.training.module import MedSFTModule, warmup_cosine
 from tests.conftest import make_rows, write_jsonl
 
 

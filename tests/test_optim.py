@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from medsft_lightning import optim
-from medsft_lightning.module import MedSFTModule
+from medsft_lightning.training import optim
+from medsft_lightning.training.module import MedSFTModule
 
 STEPS, LR, N = 200, 1e-5, 100_000
 

@@ -4,12 +4,12 @@ import lightning as L
 import pytest
 import torch
 
-from medsft_lightning.collate import IGNORE_INDEX
-from medsft_lightning.data import MedicalDataModule
-from medsft_lightning.encoding import encode_rows
-from medsft_lightning.module import MedSFTModule
-from medsft_lightning.packing import PackedDataset, concat_rows, pack_collate, pack_rows, packed_model_inputs
-from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
+from medsft_lightning.data.collate import IGNORE_INDEX
+from medsft_lightning.data.datamodule import MedicalDataModule
+from medsft_lightning.data.encoding import encode_rows
+from medsft_lightning.data.packing import PackedDataset, concat_rows, pack_collate, pack_rows, packed_model_inputs
+from medsft_lightning.data.sampler import PAD_INDEX, WindowBatchSampler
+from medsft_lightning.training.module import MedSFTModule
 from tests.conftest import make_rows, write_jsonl
 from tests.test_module import Recorder
 

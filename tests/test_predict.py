@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from medsft_lightning.generate import Generation
-from medsft_lightning.predict import AnswerWriter, read_answers, read_questions
-from medsft_lightning.sources import DataError
+from medsft_lightning.data.sources import DataError
+from medsft_lightning.generation.generate import Generation
+from medsft_lightning.generation.predict import AnswerWriter, read_answers, read_questions
 from tests.conftest import offline_env, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,14 +56,14 @@ def test_end_of_predict_log_counts_answers_stopped_at_max_new_tokens(tmp_path, c
     out = write_jsonl(tmp_path / "answers.jsonl", answers)
     trainer = SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name: None), is_global_zero=True,
                               datamodule=SimpleNamespace(predict_rows=[{"id": i} for i in range(13)]))
-    with caplog.at_level(logging.INFO, logger="medsft_lightning.predict"):
+    with caplog.at_level(logging.INFO, logger="medsft_lightning.generation.predict"):
         AnswerWriter(str(out)).on_predict_end(trainer, SimpleNamespace(generation=Generation(max_new_tokens=12)))
     assert (f"[predict] wrote 13 answer(s) to {out}; 4 of 13 (31%) stopped at max_new_tokens=12 (finish_reason: "
             "length): raise --model.generation.max_new_tokens") in caplog.text
     assert [a["id"] for a in read_answers(out)] == list(range(13))  # rewritten in input order
     write_jsonl(out, [{"id": 0, "finish_reason": "stop"}])
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="medsft_lightning.predict"):
+    with caplog.at_level(logging.INFO, logger="medsft_lightning.generation.predict"):
         AnswerWriter(str(out)).on_predict_end(trainer, SimpleNamespace(generation=Generation(max_new_tokens=12)))
     assert f"wrote 1 answer(s) to {out}; none stopped at max_new_tokens=12" in caplog.text
 

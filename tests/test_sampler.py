@@ -1,6 +1,6 @@
 from collections import Counter
 
-from medsft_lightning.sampler import PAD_INDEX, WindowBatchSampler
+from medsft_lightning.data.sampler import PAD_INDEX, WindowBatchSampler
 
 TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from medsft_lightning.sources import DataError, fingerprint, read_rows, select_data_files, split_indices
+from medsft_lightning.data.sources import DataError, fingerprint, read_rows, select_data_files, split_indices
 from tests.conftest import make_rows, write_jsonl
 
 

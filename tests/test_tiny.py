@@ -1,6 +1,6 @@
 """The offline tokenizer is the real Qwen3 vocabulary; the tiny model loads via from_pretrained."""
 
-from medsft_lightning.tiny import ADDED_TOKENS, FIRST_ADDED_ID, VOCAB_SIZE
+from medsft_lightning.hub.tiny import ADDED_TOKENS, FIRST_ADDED_ID, VOCAB_SIZE
 
 
 def test_tokenizer_matches_qwen_ids(tokenizer):

@@ -12,7 +12,7 @@ from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from medsft_lightning.sources import DataError, Rows
+from medsft_lightning.data.sources import DataError, Rows
 
 Policy = Literal["keep", "drop", "error"]
 # Read-time tallies, summed over the sources read; every key is always present in the stats.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from medsft_lightning.collate import IGNORE_INDEX
-from medsft_lightning.formatting import prompt_messages, row_to_messages
+from medsft_lightning.data.collate import IGNORE_INDEX
+from medsft_lightning.data.formatting import prompt_messages, row_to_messages
 
 END_OF_TURN = "<|im_end|>"
 

@@ -28,9 +28,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from medsft_lightning.lora import base_model
-from medsft_lightning.loss import chunked_cross_entropy
-from medsft_lightning.resume import clear_leftovers, load_checkpoint_file, swap_in_folder
+from medsft_lightning.training.lora import base_model
+from medsft_lightning.training.loss import chunked_cross_entropy
+from medsft_lightning.training.resume import clear_leftovers, load_checkpoint_file, swap_in_folder
 
 META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
 
@@ -114,7 +114,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     Lightning writes a folder's shards in place: a kill while saving leaves it half old, half new. Here all
     ranks write into ``<name>.tmp-<step>`` (the same name on every rank) and, once every rank is done, rank
-    zero swaps it in by renames (:func:`~medsft_lightning.resume.swap_in_folder`). ``medsft fit`` turns a
+    zero swaps it in by renames (:func:`~medsft_lightning.training.resume.swap_in_folder`). ``medsft fit`` turns a
     plain ``ModelParallelStrategy`` into this class (``MedSFTCLI.before_fit``). Whole-file checkpoints
     (``save_distributed_checkpoint: false``) go unchanged through the CheckpointIO, atomic already.
     """

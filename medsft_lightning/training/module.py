@@ -12,12 +12,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from medsft_lightning import hub, optim
-from medsft_lightning.generate import Generation, generate_batch
-from medsft_lightning.lora import LoraSettings, apply_lora, base_model
-from medsft_lightning.packing import packed_model_inputs
-from medsft_lightning.resume import align_val_check, restore_rng, rng_state, sync_optimizer_hparams
-from medsft_lightning.sharding import lm_loss, shard_causal_lm
+from medsft_lightning import hub
+from medsft_lightning.data.packing import packed_model_inputs
+from medsft_lightning.generation.generate import Generation, generate_batch
+from medsft_lightning.training import optim
+from medsft_lightning.training.lora import LoraSettings, apply_lora, base_model
+from medsft_lightning.training.resume import align_val_check, restore_rng, rng_state, sync_optimizer_hparams
+from medsft_lightning.training.sharding import lm_loss, shard_causal_lm
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 

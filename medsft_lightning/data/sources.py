@@ -45,7 +45,7 @@ class Rows:
     """Rows with where each came from (``file:line``), the problems and notices found while reading.
 
     ``counts`` holds the checks' tallies (``boms_ignored``, ``mixed_line_ending_files``, and those of
-    :mod:`medsft_lightning.checks`); ``notices`` the findings that are not problems, as
+    :mod:`medsft_lightning.data.checks`); ``notices`` the findings that are not problems, as
     ``(kind, "file:line: what")`` with ``kind`` one of those tallies.
     """
 

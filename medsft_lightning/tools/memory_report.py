@@ -1,12 +1,12 @@
-"""``medsft memory``'s printed report (the settings it reads: :mod:`medsft_lightning.memory_settings`)."""
+"""``medsft memory``'s printed report (the settings it reads: :mod:`medsft_lightning.tools.memory_settings`)."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
 
-from medsft_lightning.memory import GIB, Arch, EstimateError, estimate, layer_activation_bytes, precision_of
-from medsft_lightning.memory_settings import FIELDS, Settings, parse, resolve_arch
+from medsft_lightning.tools.memory import GIB, Arch, EstimateError, estimate, layer_activation_bytes, precision_of
+from medsft_lightning.tools.memory_settings import FIELDS, Settings, parse, resolve_arch
 
 __all__ = ["FIELDS", "Settings", "estimate_for", "main", "parse", "report", "resolve_arch", "run"]
 
@@ -133,7 +133,7 @@ def report(arch: Arch, s: Settings, notes: list[str] | None = None) -> str:
         "",
         "An estimate, not a promise: everything above counted as alive at once, rows padded to max_length.",
         "Not counted: the CUDA context (~0.5 GiB), allocator fragmentation, backward's temporary buffers;",
-        "measured H200 peaks were 2-5% above it. Formulas and checks: medsft_lightning/memory.py.",
+        "measured H200 peaks were 2-5% above it. Formulas and checks: medsft_lightning/tools/memory.py.",
     ]
     return "\n".join(lines)
 
@@ -153,6 +153,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # through the package module, so that its EstimateError is the one raised
-    from medsft_lightning import memory_report
+    from medsft_lightning.tools import memory_report
 
     memory_report.main()

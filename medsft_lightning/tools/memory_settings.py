@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsft_lightning.memory import (
+from medsft_lightning.tools.memory import (
     _PRECISION_ALIASES,
     QWEN3_ARCHS,
     Arch,
@@ -130,7 +130,7 @@ def resolve_arch(name_or_path: str) -> Arch:
     from medsft_lightning import hub
 
     if name_or_path == hub.TINY_MODEL:  # the tiny model is defined by TINY_CONFIG: no need to build it
-        from medsft_lightning.tiny import TINY_CONFIG, VOCAB_SIZE
+        from medsft_lightning.hub.tiny import TINY_CONFIG, VOCAB_SIZE
 
         return arch_from_config({**TINY_CONFIG, "vocab_size": VOCAB_SIZE}, f"{name_or_path} (tiny.TINY_CONFIG)")
     local = Path(name_or_path).expanduser()

@@ -67,7 +67,7 @@ TINY_NAME = "medsft/tiny-qwen3"
 
 def chat_template() -> str:
     """Return medsft's Qwen3-style chat template (Jinja source)."""
-    return resources.files("medsft_lightning").joinpath("templates/qwen3_chat_template.jinja").read_text("utf-8")
+    return resources.files("medsft_lightning.hub").joinpath("templates/qwen3_chat_template.jinja").read_text("utf-8")
 
 
 def _load_ranks() -> dict[bytes, int]:

@@ -9,7 +9,14 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from medsft_lightning.generate import Generation, build_prompts, check_room, generate_batch, generation_mode, truncation
+from medsft_lightning.generation.generate import (
+    Generation,
+    build_prompts,
+    check_room,
+    generate_batch,
+    generation_mode,
+    truncation,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-from medsft_lightning.encoding import encode_rows
-from medsft_lightning.sources import fingerprint
+from medsft_lightning.data.encoding import encode_rows
+from medsft_lightning.data.sources import fingerprint
 
 
 def encode_cached(rows: list[dict], content: str, tokenizer, tokenizer_name: str, system_prompt: str,

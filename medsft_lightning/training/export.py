@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medsft_lightning.resume import UnsafeCheckpointError, load_checkpoint_file
+from medsft_lightning.training.resume import UnsafeCheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _name_dtype(config_file: Path, dtype: torch.dtype) -> None:
 def read_checkpoint(ckpt_path: str | Path) -> dict:
     """A ``.ckpt`` file (``weights_only=True``, memory-mapped), or a sharded checkpoint folder (ModelParallelStrategy)
     with its weights gathered in this process (optimizer shards not read)."""
-    from medsft_lightning.sharding import is_sharded_checkpoint, read_sharded_checkpoint
+    from medsft_lightning.training.sharding import is_sharded_checkpoint, read_sharded_checkpoint
 
     if is_sharded_checkpoint(ckpt_path):
         return read_sharded_checkpoint(ckpt_path)
@@ -72,7 +72,7 @@ def export_sharded(trainer, module, ckpt_path: str, out_dir: str | Path) -> Path
     full state dict is gathered once onto rank zero's CPU, and rank zero writes a plain transformers model
     with :func:`save_hf`. Returns the folder on rank zero, ``None`` on the others.
     """
-    from medsft_lightning.sharding import gather_full_state_dict, load_sharded_weights, unsharded_copy
+    from medsft_lightning.training.sharding import gather_full_state_dict, load_sharded_weights, unsharded_copy
 
     if ckpt_path:
         load_sharded_weights(module, ckpt_path)
@@ -97,8 +97,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from medsft_lightning import hub
-    from medsft_lightning.lora import LoraSettings, apply_lora
-    from medsft_lightning.module import as_dataclass
+    from medsft_lightning.training.lora import LoraSettings, apply_lora
+    from medsft_lightning.training.module import as_dataclass
 
     checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -107,7 +107,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = max(set(floats), key=floats.count)  # the training dtype (bf16 for bf16-true)
-    from medsft_lightning.sharding import skeleton
+    from medsft_lightning.training.sharding import skeleton
 
     model = skeleton(AutoConfig.from_pretrained(source), dtype)
     if (Path(source) / "generation_config.json").is_file():

@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medsft_lightning.decode import decode
-from medsft_lightning.formatting import prompt_messages, split_think_answer
-from medsft_lightning.lora import base_model
-from medsft_lightning.sharding import is_sharded, unsharded_root
+from medsft_lightning.data.formatting import prompt_messages, split_think_answer
+from medsft_lightning.generation.decode import decode
+from medsft_lightning.training.lora import base_model
+from medsft_lightning.training.sharding import is_sharded, unsharded_root
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # Qwen3's generation_config.json (thinking mode); its model card warns that greedy decoding repeats endlessly.
@@ -109,7 +109,7 @@ def generation_mode(model, seed: int, root: torch.nn.Module | None = None) -> It
     states come back, so training continues bit-for-bit as if nothing had been generated.
 
     ``root``: under FSDP2 the sharded root unit (``MedSFTModule.fsdp_root``), unsharded inside (see
-    :func:`~medsft_lightning.sharding.unsharded_root`); every rank must then enter and generate the same
+    :func:`~medsft_lightning.training.sharding.unsharded_root`); every rank must then enter and generate the same
     prompts with :func:`generate_batch`.
     """
     was_training, use_cache = model.training, model.config.use_cache

@@ -1,5 +1,9 @@
-"""The only place that reaches a model/dataset hub. Tests replace ``download_model``/``download_hf_model``/
-``download_dataset``.
+"""Hub: where models, tokenizers and datasets come from; the only place that reaches a model/dataset hub.
+
+The bottom of the package: it imports no other medsft stage, and every stage may import it. Besides the
+downloads here (tests replace ``download_model``/``download_hf_model``/``download_dataset``) it holds the
+offline defaults: the tiny random Qwen3 with a real-vocabulary tokenizer (``tiny``, also ``medsft tiny``)
+and the packaged sample dataset (``sample_data/``).
 
 Names users can give:
 - a local folder (or file, for datasets): used as it is, nothing is downloaded;
@@ -84,7 +88,7 @@ def resolve_model(
             ``tokenizer_only`` fetch) as a miss.
     """
     if name_or_path == TINY_MODEL:
-        from medsft_lightning.tiny import ensure_tiny_qwen3
+        from medsft_lightning.hub.tiny import ensure_tiny_qwen3
 
         return str(ensure_tiny_qwen3(medsft_cache(cache_dir)))
     local = Path(name_or_path).expanduser()
@@ -114,7 +118,7 @@ def resolve_model(
 
 def sample_dataset_path() -> Path:
     """The packaged sample dataset (real schema, written for medsft)."""
-    return Path(str(resources.files("medsft_lightning").joinpath("sample_data/medical_sample.jsonl")))
+    return Path(str(resources.files("medsft_lightning.hub").joinpath("sample_data/medical_sample.jsonl")))
 
 
 def resolve_dataset(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:

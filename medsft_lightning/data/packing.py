@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from medsft_lightning.collate import IGNORE_INDEX
-from medsft_lightning.sampler import PAD_INDEX
+from medsft_lightning.data.collate import IGNORE_INDEX
+from medsft_lightning.data.sampler import PAD_INDEX
 
 
 def pack_rows(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:

@@ -17,8 +17,8 @@ import sys
 import yaml
 
 from medsft_lightning import hub
-from medsft_lightning.checks import COUNT_KEYS
-from medsft_lightning.collate import IGNORE_INDEX
+from medsft_lightning.data.checks import COUNT_KEYS
+from medsft_lightning.data.collate import IGNORE_INDEX
 
 # data.X <- model.Y, as in the CLI
 LINKED = {"tokenizer": "model_name_or_path", "tokenizer_revision": "model_revision", "cache_dir": "cache_dir"}
@@ -28,7 +28,7 @@ STYLES = {"masked": ("\033[2m", "\033[0m"), "train": ("\033[32m", "\033[0m")}
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from medsft_lightning.data import MedicalDataModule
+    from medsft_lightning.data.datamodule import MedicalDataModule
 
     parser = ArgumentParser(prog="medsft preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a medsft config (its model/data sections)")
@@ -104,9 +104,9 @@ def length_stats(split: str, rows: list[dict], stats: dict, max_length: int) -> 
 def main(argv: list[str]) -> None:
     import datasets
 
-    from medsft_lightning.data import MedicalDataModule
-    from medsft_lightning.encoding import TemplateError
-    from medsft_lightning.sources import DataError
+    from medsft_lightning.data.datamodule import MedicalDataModule
+    from medsft_lightning.data.encoding import TemplateError
+    from medsft_lightning.data.sources import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     datasets.disable_progress_bars()  # the encoding progress bars would bury the preview

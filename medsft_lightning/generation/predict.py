@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from medsft_lightning.generate import truncation
-from medsft_lightning.sources import DataError, read_records
+from medsft_lightning.data.sources import DataError, read_records
+from medsft_lightning.generation.generate import truncation
 
 logger = logging.getLogger(__name__)
 OUTPUT_FIELDS = ("id", "question", "think", "answer", "raw", "finish_reason", "num_generated_tokens")

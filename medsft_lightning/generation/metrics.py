@@ -22,7 +22,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.functional.text.rouge import rouge_score
 
-from medsft_lightning.generate import Generation, build_prompts, check_room, generate_batch, generation_mode, truncation
+from medsft_lightning.generation.generate import (
+    Generation,
+    build_prompts,
+    check_room,
+    generate_batch,
+    generation_mode,
+    truncation,
+)
 
 # CJK ideographs (unified, extension A, compatibility, extensions B-G), kana and Hangul syllables.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af\U00020000-\U0003134f"
@@ -67,7 +74,7 @@ class GenerationMetrics(L.Callback):
 
     Off by default (``num_rows=0``): it generates ``num_rows`` full answers at every validation, which costs
     minutes on a GPU for a real model. When on, at the end of every validation (not the sanity check) rank zero
-    generates in batches under :func:`~medsft_lightning.generate.generation_mode` (eval, KV cache on,
+    generates in batches under :func:`~medsft_lightning.generation.generate.generation_mode` (eval, KV cache on,
     checkpointing off, training state and RNG restored exactly afterwards) and logs to every logger at the
     trainer's global step: ``val_gen/rougeL`` (mean ROUGE-L F1 of the answer after ``</think>`` against the
     reference answer, character-level on Chinese: see :func:`rouge_l_f1`), ``val_gen/think_format_rate`` (share

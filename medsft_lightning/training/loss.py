@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from medsft_lightning.collate import IGNORE_INDEX
+from medsft_lightning.data.collate import IGNORE_INDEX
 
 _CPU_ADD_ELEMENTS = 1 << 20  # fp32 elements of one slice of the LM-head gradient added on CPU (4 MiB)
 
