@@ -18,14 +18,16 @@ from medsft_lightning.data.sources import DataError
 from medsft_lightning.generation.metrics import GenerationMetrics
 from medsft_lightning.generation.predict import AnswerWriter
 from medsft_lightning.generation.samples import SampleGenerations
-from medsft_lightning.training.loggers import MedSwanLabLogger
-from medsft_lightning.training.module import MedSFTModule
-from medsft_lightning.training.resume import (
+from medsft_lightning.training.checkpoints import (
     AtomicCheckpointIO,
     UnsafeCheckpointError,
     checkpoint_metadata,
     find_last_checkpoint,
+    is_whole,
+    load_checkpoint_weights,
 )
+from medsft_lightning.training.loggers import MedSwanLabLogger
+from medsft_lightning.training.module import MedSFTModule
 from medsft_lightning.training.sharding import prepare_fsdp2
 
 EXTRA_COMMANDS = {
@@ -117,7 +119,7 @@ class MedSFTCLI(LightningCLI):
         """
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
-        if not path or not (Path(path).is_file() or (Path(path) / "meta.pt").is_file()):
+        if not path or not is_whole(Path(path)):
             return
         saved = {k: v for k, v in (checkpoint_metadata(path).get("hyper_parameters") or {}).items()
                  if not k.startswith("_")}
@@ -211,7 +213,7 @@ class MedSFTCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks before rank zero goes on alone
         if not self.config[self.subcommand].get("export"):
             return
-        from medsft_lightning.training.export import export_sharded, load_checkpoint_weights, save_hf
+        from medsft_lightning.training.export import export_sharded, save_hf
 
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if self.model.fsdp_root is not None:  # FSDP2: every rank takes part in loading and gathering the weights

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from medsft_lightning.cli import MedSFTCLI, check_config
 from medsft_lightning.data.datamodule import MedicalDataModule
-from medsft_lightning.training.module import MedSFTModule, warmup_cosine
+from medsft_lightning.training.module import MedSFTModule
+from medsft_lightning.training.optim import warmup_cosine
 from tests.conftest import make_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

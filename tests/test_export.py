@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 
 from medsft_lightning import hub
+from medsft_lightning.training.checkpoints import UnsafeCheckpointError, checkpoint_metadata
 from medsft_lightning.training.export import export_checkpoint
 from medsft_lightning.training.lora import LoraSettings
 from medsft_lightning.training.module import MedSFTModule
-from medsft_lightning.training.resume import UnsafeCheckpointError, checkpoint_metadata
 from tests.conftest import offline_env
 
 # What LightningCLI saves as a checkpoint's hyper_parameters: the parsed config, nested settings as plain dicts.

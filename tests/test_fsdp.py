@@ -114,7 +114,7 @@ def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
     a row leaving the batch: 1 process's tokens), and the gathered weights rebuild the unsharded model exactly."""
     import torch.multiprocessing as mp
 
-    from medsft_lightning.training.sharding import lm_loss
+    from medsft_lightning.training.loss import lm_loss
 
     out = tmp_path / "two.pt"
     mp.spawn(_rank, args=(_free_port(), str(tiny_dir), str(out)), nprocs=2)
@@ -179,8 +179,8 @@ def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
     """3 runs of medsft fit (1 process; 2 FSDP2 processes killed; resumed), samples on: ~41 s on 2 idle cores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from medsft_lightning.training.checkpoints import read_sharded_checkpoint
     from medsft_lightning.training.export import export_checkpoint
-    from medsft_lightning.training.sharding import read_sharded_checkpoint
 
     env = {**offline_env(cache_root), "PYTHONPATH": str(REPO)}
     one = fit(tmp_path / "one", env, "batches.jsonl", 0, "--data.batch_size", "4")

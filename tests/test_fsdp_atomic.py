@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from medsft_lightning.training import resume
-from medsft_lightning.training.resume import clear_leftovers, find_last_checkpoint, swap_in_folder
+from medsft_lightning.training import checkpoints
+from medsft_lightning.training.checkpoints import clear_leftovers, find_last_checkpoint, swap_in_folder
 from tests.conftest import make_rows, offline_env, write_jsonl
 from tests.test_fsdp import FSDP2, MEDSFT, rows_by_step
 from tests.test_resume import REPO, last_val_loss, write_config
@@ -88,7 +88,7 @@ def test_swap_killed_between_renames_then_the_next_save_recovers(tmp_path, monke
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(resume.os, "replace", die_on_second)
+    monkeypatch.setattr(checkpoints.os, "replace", die_on_second)
     with pytest.raises(KeyboardInterrupt):
         swap_in_folder(folder(ckpts / "last.ckpt.tmp-6", 6), ckpts / "last.ckpt", "6")
     monkeypatch.undo()

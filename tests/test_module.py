@@ -6,7 +6,8 @@ import torch
 
 from medsft_lightning.data.datamodule import MedicalDataModule
 from medsft_lightning.training.loss import chunked_cross_entropy
-from medsft_lightning.training.module import MedSFTModule, warmup_cosine
+from medsft_lightning.training.module import MedSFTModule
+from medsft_lightning.training.optim import warmup_cosine
 from tests.conftest import make_rows, write_jsonl
 
 

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from medsft_lightning.data.questions import read_questions
 from medsft_lightning.data.sources import DataError
 from medsft_lightning.generation.generate import Generation
-from medsft_lightning.generation.predict import AnswerWriter, read_answers, read_questions
+from medsft_lightning.generation.predict import AnswerWriter, read_answers
 from tests.conftest import offline_env, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,9 +14,10 @@ from medsft_lightning import hub
 from medsft_lightning.data import checks
 from medsft_lightning.data.collate import IGNORE_INDEX, pad_collate
 from medsft_lightning.data.encoded_cache import encode_cached
-from medsft_lightning.data.encoding import encode_example, token_lengths
+from medsft_lightning.data.encoding import build_prompts, encode_example, token_lengths
 from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.data.packing import PackedDataset, pack_collate, pack_rows
+from medsft_lightning.data.questions import read_questions
 from medsft_lightning.data.sampler import PAD_INDEX, WindowBatchSampler, shard_rows
 from medsft_lightning.data.sources import DataError, Rows, fingerprint, read_rows, select_data_files, split_indices
 
@@ -198,8 +199,6 @@ class MedicalDataModule(L.LightningDataModule):
 
     def _question_rows(self) -> list[dict]:
         """Rows to answer, in input order, each with a unique ``id`` (default: its 0-based position)."""
-        from medsft_lightning.generation.predict import read_questions
-
         if self.hparams.predict_dataset:
             return read_questions(self.hparams.predict_dataset)
         _, val = self.split_rows()
@@ -274,8 +273,6 @@ class MedicalDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Rows not answered yet, in batches of similar prompt length (less left padding)."""
-        from medsft_lightning.generation.generate import build_prompts
-
         todo = [r for r in self.predict_rows if r["id"] not in self.predict_skip_ids]
         prompts = build_prompts(todo, self.load_tokenizer(), self.hparams.system_prompt) if todo else []
         items = sorted(({**r, "prompt_ids": p} for r, p in zip(todo, prompts)), key=lambda r: len(r["prompt_ids"]))

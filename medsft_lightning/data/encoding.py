@@ -101,3 +101,11 @@ def encode_example(
     if encoded is None:
         return None
     return {key: encoded[key] for key in ("input_ids", "attention_mask", "labels")}
+
+
+def build_prompts(rows: Sequence[Mapping], tokenizer, system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each row's prompt: the chat template with the assistant turn opened."""
+    texts = tokenizer.apply_chat_template(
+        [prompt_messages(r, r.get("system", system_prompt)) for r in rows], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -9,10 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medsft_lightning.data.formatting import prompt_messages, split_think_answer
+from medsft_lightning.data.formatting import split_think_answer
 from medsft_lightning.generation.decode import decode
-from medsft_lightning.training.lora import base_model
-from medsft_lightning.training.sharding import is_sharded, unsharded_root
+from medsft_lightning.generation.wrapped import base_model, is_sharded, unsharded_root
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # Qwen3's generation_config.json (thinking mode); its model card warns that greedy decoding repeats endlessly.
@@ -109,7 +108,7 @@ def generation_mode(model, seed: int, root: torch.nn.Module | None = None) -> It
     states come back, so training continues bit-for-bit as if nothing had been generated.
 
     ``root``: under FSDP2 the sharded root unit (``MedSFTModule.fsdp_root``), unsharded inside (see
-    :func:`~medsft_lightning.training.sharding.unsharded_root`); every rank must then enter and generate the same
+    :func:`~medsft_lightning.generation.wrapped.unsharded_root`); every rank must then enter and generate the same
     prompts with :func:`generate_batch`.
     """
     was_training, use_cache = model.training, model.config.use_cache
@@ -132,14 +131,6 @@ def generation_mode(model, seed: int, root: torch.nn.Module | None = None) -> It
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def build_prompts(rows: Sequence[Mapping], tokenizer, system_prompt: str | None) -> list[list[int]]:
-    """Token ids of each row's prompt: the chat template with the assistant turn opened."""
-    texts = tokenizer.apply_chat_template(
-        [prompt_messages(r, r.get("system", system_prompt)) for r in rows], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.functional.text.rouge import rouge_score
 
+from medsft_lightning.data.encoding import build_prompts
 from medsft_lightning.generation.generate import (
     Generation,
-    build_prompts,
     check_room,
     generate_batch,
     generation_mode,

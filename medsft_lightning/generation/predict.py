@@ -1,4 +1,5 @@
-"""``medsft predict``: reading questions and writing answers so that a killed run resumes exactly."""
+"""``medsft predict``'s answer file, written so that a killed run resumes exactly (the questions it answers:
+:mod:`medsft_lightning.data.questions`)."""
 
 from __future__ import annotations
 
@@ -10,39 +11,10 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from medsft_lightning.data.sources import DataError, read_records
 from medsft_lightning.generation.generate import truncation
 
 logger = logging.getLogger(__name__)
 OUTPUT_FIELDS = ("id", "question", "think", "answer", "raw", "finish_reason", "num_generated_tokens")
-
-
-def read_questions(path: str | os.PathLike) -> list[dict]:
-    """Rows with a non-empty ``question`` (optional ``id``, ``system``), checked with file:line errors."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data.predict_dataset={str(path)!r}: no such file")
-    rows, problems, seen = [], [], set()
-    for position, (line, obj) in enumerate(read_records(file)):
-        where = f"{file}:{line}"
-        if isinstance(obj, str):
-            problems.append(f"{where}: {obj}")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
-            problems.append(f"{where}: question: missing, empty or not a string")
-            continue
-        row_id = obj.get("id", position)
-        if row_id in seen:
-            problems.append(f"{where}: id: {row_id!r} appears twice")
-            continue
-        seen.add(row_id)
-        row = {"id": row_id, "question": obj["question"]}
-        if isinstance(obj.get("system"), str):
-            row["system"] = obj["system"]
-        rows.append(row)
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in {file}:\n  " + "\n  ".join(problems[:20]))
-    return rows
 
 
 def read_answers(path: Path) -> list[dict]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from medsft_lightning.data.encoding import build_prompts
 from medsft_lightning.generation.generate import (
     Generation,
-    build_prompts,
     check_room,
     generate_batch,
     generation_mode,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medsft_lightning.training.resume import UnsafeCheckpointError, load_checkpoint_file
+from medsft_lightning.training.checkpoints import UnsafeCheckpointError, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +47,6 @@ def _name_dtype(config_file: Path, dtype: torch.dtype) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """A ``.ckpt`` file (``weights_only=True``, memory-mapped), or a sharded checkpoint folder (ModelParallelStrategy)
-    with its weights gathered in this process (optimizer shards not read)."""
-    from medsft_lightning.training.sharding import is_sharded_checkpoint, read_sharded_checkpoint
-
-    if is_sharded_checkpoint(ckpt_path):
-        return read_sharded_checkpoint(ckpt_path)
-    return load_checkpoint_file(ckpt_path)
-
-
-def load_checkpoint_weights(module, ckpt_path: str | Path) -> None:
-    """Load a Lightning checkpoint's weights (no optimizer state) into a configured, unsharded module."""
-    state = read_checkpoint(ckpt_path)["state_dict"]
-    module.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
 
 
 def export_sharded(trainer, module, ckpt_path: str, out_dir: str | Path) -> Path | None:

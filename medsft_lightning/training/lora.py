@@ -42,12 +42,3 @@ def apply_lora(model, settings: LoraSettings):
                    f"parameters ({trainable / total:.2%})")
     return wrapped
 
-
-def base_model(model):
-    """The causal LM inside a peft wrapper (its layers hold the adapters), or ``model`` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def merged_for_export(model):
-    """A plain transformers model to save: adapters merged into the base weights (in place)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

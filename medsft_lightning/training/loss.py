@@ -6,7 +6,7 @@ Only supervised positions go through the LM head, and they go in chunks of ``chu
 LM-head weight are computed right away in the forward pass (as Liger's fused linear cross-entropy
 does), so nothing per-chunk is kept for backward; the LM-head gradient is summed in one fp32
 ``[vocab, hidden]`` accumulator. Every large tensor is allocated once per call (``_ChunkBuffers``), so
-the peak is exactly what ``memory.chunked_loss_bytes`` counts.
+the peak is exactly what ``tools.memory.chunked_loss_bytes`` counts.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class _ChunkBuffers:
       mixed-dtype add upcasts inside its kernel (no fp32 copy of the product); on the CPU TensorIterator
       upcasts an input into a temporary of its size (``compute_types``), so there it goes in 4 MiB slices.
 
-    What this holds is what ``memory.chunked_loss_bytes`` counts (``benchmarks/loss_chunk_memory.py``).
+    What this holds is what ``tools.memory.chunked_loss_bytes`` counts (``benchmarks/loss_chunk_memory.py``).
     """
 
     def __init__(self, rows: int, weight: torch.Tensor, chunk_size: int, need_w: bool) -> None:
@@ -126,7 +126,7 @@ def chunked_cross_entropy(
         weight: ``[vocab, hidden]`` LM-head weight.
         labels: ``[batch, seq]`` with -100 where nothing is supervised (not yet shifted).
         chunk_size: supervised tokens per LM-head chunk; peak extra memory ``chunk_size × vocab × 4`` bytes
-            (+ 2 for bf16 weights) + the LM-head gradient (``memory.chunked_loss_bytes`` counts it all).
+            (+ 2 for bf16 weights) + the LM-head gradient (``tools.memory.chunked_loss_bytes`` counts it all).
 
     Returns:
         ``(loss_sum, num_supervised, num_correct)``: fp32 summed loss, supervised-token count, and
@@ -152,3 +152,13 @@ def chunked_cross_entropy(
         loss += torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
         correct += (logits.argmax(-1) == tc).sum()
     return loss, count, correct
+
+
+def lm_loss(lm: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, **inputs):
+    """``(loss_sum, num_supervised, num_correct)`` of a causal LM: decoder hidden states → chunked CE.
+
+    The path of every training and validation step (``MedSFTModule``); under FSDP2 it runs inside the root
+    unit's forward (``sharding.LossRoot``).
+    """
+    hidden = lm.model(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+    return chunked_cross_entropy(hidden, lm.get_output_embeddings().weight, labels, chunk_size)

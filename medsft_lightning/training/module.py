@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Literal
 
@@ -15,20 +14,14 @@ from torchmetrics import MeanMetric
 from medsft_lightning import hub
 from medsft_lightning.data.packing import packed_model_inputs
 from medsft_lightning.generation.generate import Generation, generate_batch
+from medsft_lightning.generation.wrapped import base_model
 from medsft_lightning.training import optim
-from medsft_lightning.training.lora import LoraSettings, apply_lora, base_model
+from medsft_lightning.training.lora import LoraSettings, apply_lora
+from medsft_lightning.training.loss import lm_loss
 from medsft_lightning.training.resume import align_val_check, restore_rng, rng_state, sync_optimizer_hparams
-from medsft_lightning.training.sharding import lm_loss, shard_causal_lm
+from medsft_lightning.training.sharding import shard_causal_lm
 
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def as_dataclass(cls: type, value):
@@ -294,6 +287,6 @@ class MedSFTModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+            optimizer, lambda step: optim.warmup_cosine(step, total, warmup, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,4 +1,5 @@
-"""The optimizer: AdamW, with Kahan-compensated updates when the weights themselves are bf16/fp16.
+"""The optimizer: AdamW, with Kahan-compensated updates when the weights themselves are bf16/fp16; its LR
+schedule (:func:`warmup_cosine`).
 
 Under ``precision: bf16-true`` the weights, and so AdamW's updates, live in bf16. A bf16 weight near 0.02
 has a resolution of ~1.2e-4, and round-to-nearest drops every update smaller than half of that: at
@@ -23,6 +24,7 @@ fp32 weights (``32-true``, ``bf16-mixed``'s master weights) need no compensation
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -101,3 +103,11 @@ def _kahan_class() -> type:
 
     KahanAdamW.__module__ = __name__
     return KahanAdamW
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -8,18 +8,17 @@ weight outside ``Qwen3ForCausalLM.forward``: computed anywhere but inside the ro
 this rank's shard of the head. Gradients are reduce-scattered and averaged over the data-parallel ranks,
 as DDP averages them, so ``training_step``'s token-mean scaling holds unchanged. Generation (samples,
 gen_metrics) reads the head outside that forward too: every rank decodes in lockstep inside
-:func:`unsharded_root`.
+:func:`~medsft_lightning.generation.wrapped.unsharded_root`.
 
 Checkpoints are ``ModelParallelStrategy``'s folders (``torch.distributed.checkpoint`` shards, one file per
 rank, plus Lightning's ``meta.pt``), swapped in whole by :class:`AtomicModelParallelStrategy`; the helpers
-here read their weights back, gathered or sharded.
+here load their weights into the shards and gather them for the export (reading such a folder in one
+process: :func:`~medsft_lightning.training.checkpoints.read_sharded_checkpoint`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from medsft_lightning.training.lora import base_model
-from medsft_lightning.training.loss import chunked_cross_entropy
-from medsft_lightning.training.resume import clear_leftovers, load_checkpoint_file, swap_in_folder
-
-META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
-
-
-def lm_loss(lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, **inputs: Any):
-    """``(loss_sum, num_supervised, num_correct)`` of a causal LM: decoder hidden states → chunked CE."""
-    hidden = lm.model(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
-    return chunked_cross_entropy(hidden, lm.get_output_embeddings().weight, labels, chunk_size)
+from medsft_lightning.generation.wrapped import base_model
+from medsft_lightning.training.checkpoints import (
+    clear_leftovers,
+    is_sharded_checkpoint,
+    load_checkpoint_file,
+    swap_in_folder,
+)
+from medsft_lightning.training.loss import lm_loss
 
 
 class LossRoot(nn.Module):
@@ -84,37 +80,12 @@ def shard_causal_lm(model: nn.Module, mesh) -> LossRoot:
     return root
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds FSDP2 units (``fully_shard``): then its forward is a collective of all ranks."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-@contextmanager
-def unsharded_root(root: nn.Module | None) -> Iterator[None]:
-    """The root unit's parameters (embeddings, final norm, tied LM head) gathered for use outside its forward,
-    as generation needs them; resharded on exit. A collective: every rank enters it. The decoder layers still
-    gather themselves in their own forwards. ``root=None`` (not sharded): nothing to do."""
-    if root is None:
-        yield
-        return
-    # FSDP2 makes the first unit to run forward the root of all; generation can come before any training
-    # forward (the baseline round), and a decoder layer must not become the root then.
-    root._get_fsdp_state()._lazy_init()  # no-op once a forward has run
-    root.unshard()
-    try:
-        yield
-    finally:
-        root.reshard()
-
-
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` whose sharded checkpoint folders replace the previous one whole.
 
     Lightning writes a folder's shards in place: a kill while saving leaves it half old, half new. Here all
     ranks write into ``<name>.tmp-<step>`` (the same name on every rank) and, once every rank is done, rank
-    zero swaps it in by renames (:func:`~medsft_lightning.training.resume.swap_in_folder`). ``medsft fit`` turns a
+    zero swaps it in by renames (:func:`~medsft_lightning.training.checkpoints.swap_in_folder`). ``medsft fit`` turns a
     plain ``ModelParallelStrategy`` into this class (``MedSFTCLI.before_fit``). Whole-file checkpoints
     (``save_distributed_checkpoint: false``) go unchanged through the CheckpointIO, atomic already.
     """
@@ -159,12 +130,6 @@ def prepare_fsdp2(trainer) -> bool:
                        "and renamed into place once every rank has written: a kill while saving leaves a whole "
                        "checkpoint for --ckpt_path last")
     return True
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A ``ModelParallelStrategy`` checkpoint folder (shards + ``meta.pt``), as opposed to a ``.ckpt`` file."""
-    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
-
 
 def load_sharded_weights(module: nn.Module, path: str | Path) -> None:
     """Load a checkpoint's weights (no optimizer state) into a sharded module; all ranks call it.
@@ -221,20 +186,3 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` shares its storage with another (loaded) parameter, like a tied LM head."""
     params = dict(model.named_parameters(remove_duplicate=False))
     return name in params and any(p is params[name] and n != name for n, p in params.items())
-
-
-def read_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """A sharded checkpoint's full weights (``state_dict``) and Lightning's metadata, in one process.
-
-    No process group is needed; the optimizer shards are not read. The whole model must fit in CPU memory.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    folder = Path(folder)
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(folder),
-                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
-    meta = load_checkpoint_file(folder / META_FILE)
-    return {**meta, "state_dict": state["state_dict"]}
