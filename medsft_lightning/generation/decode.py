@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -100,6 +100,10 @@ class LastTokenHead:
         return logits if self.bias is None else logits + self.bias
 
 
+# (indices of the rows still generating, their new tokens) -> replacement tokens or None
+OnStep = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 def _cache_kwarg(decoder) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever this version takes."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -125,7 +129,7 @@ def _without_grad(fn):
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: Sequence[int], do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, *, presence_penalty: float = 0.0, repetition_penalty: float = 1.0,
-           sharded: bool = False) -> list[list[int]]:
+           sharded: bool = False, on_step: OnStep | None = None) -> list[list[int]]:
     """New tokens for each left-padded row, up to and including its first stop token.
 
     Args:
@@ -139,6 +143,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         sharded: an FSDP2 model that every rank decodes in lockstep on the same prompts (its root unit
             unsharded by the caller): ``no_grad`` instead of ``inference_mode``, and each step's tokens are
             rank zero's (a broadcast), so all ranks stop at the same steps and run the same forwards.
+        on_step: called after each step's tokens are picked, with the original indices of the rows still
+            generating and their ``[rows]`` tokens; it may return replacement tokens (a forced ``</think>``),
+            and an exception it raises ends the decode (a chat's stop button). Streaming reads tokens here.
     """
     from transformers import DynamicCache
 
@@ -161,6 +168,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         tokens = pick_tokens(logits if penalties is None else penalties(logits), do_sample, temperature, top_k, top_p)
         if sharded:  # identical on every rank anyway, unless kernels are not bitwise deterministic
             torch.distributed.broadcast(tokens, src=0)
+        if on_step is not None:
+            forced = on_step(alive, tokens)
+            tokens = tokens if forced is None else forced
         if penalties is not None:
             penalties.record(tokens)
         for row, token in zip(alive.tolist(), tokens.tolist()):

@@ -71,35 +71,69 @@ def export_sharded(trainer, module, ckpt_path: str, out_dir: str | Path) -> Path
     return out
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Export any ``medsft`` checkpoint to ``out_dir`` as a Hugging Face folder, in the checkpoint's dtype.
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that is not medsft's, or whose weights do not fit the model its hyperparameters name."""
 
-    The checkpoint holds every weight, so the base model contributes only its ``config.json``, generation
-    config and tokenizer: taken from a local folder, medsft's tiny model, or the hub's download cache, and
-    downloaded (without weights) only when not cached.
+
+def model_from_checkpoint(ckpt_path: str | Path):
+    """``(model, tokenizer_folder)``: a medsft checkpoint's weights in a plain transformers model, in the
+    checkpoint's dtype (a LoRA checkpoint: the peft model, adapters not merged).
+
+    The checkpoint holds every weight, so the base model it names (``hyper_parameters.model_name_or_path``)
+    contributes only its ``config.json``, generation config and tokenizer: taken from a local folder, medsft's
+    tiny model, or the hub's download cache, and downloaded (without weights) only when not cached.
+
+    Raises:
+        CheckpointMismatchError: not a medsft checkpoint, or its weights do not fit that base model's config.
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from medsft_lightning import hub
     from medsft_lightning.training.lora import LoraSettings, apply_lora
     from medsft_lightning.training.module import as_dataclass
+    from medsft_lightning.training.sharding import skeleton
 
     checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") or {}
+    if "model_name_or_path" not in hparams or "state_dict" not in checkpoint:
+        raise CheckpointMismatchError(f"{ckpt_path}: not a medsft checkpoint (no state_dict, or no model_name_or_path "
+                                      "in its hyper_parameters); give a .ckpt written by medsft fit")
     source = hub.resolve_model(hparams["model_name_or_path"], revision=hparams.get("model_revision"),
                                cache_dir=hparams.get("cache_dir"), tokenizer_only=True, local_first=True)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = max(set(floats), key=floats.count)  # the training dtype (bf16 for bf16-true)
-    from medsft_lightning.training.sharding import skeleton
-
     model = skeleton(AutoConfig.from_pretrained(source), dtype)
     if (Path(source) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     if hparams.get("lora"):  # a dict as LightningCLI saves it
         model = apply_lora(model, as_dataclass(LoraSettings, hparams["lora"]))
+    _check_fits(model, state, f"{ckpt_path} (base model {hparams['model_name_or_path']}, config from {source})")
     model.load_state_dict(state)  # strict: a key mismatch must fail, not export the wrong weights
     logger.info("[export] %s: %d weights in %s (%s)", ckpt_path, len(state), dtype, hparams["model_name_or_path"])
+    return model, source
+
+
+def _check_fits(model, state: dict, where: str) -> None:
+    """One clear error naming the first weights that do not fit, instead of torch's list of every key."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state and not k.endswith("lm_head.weight"))
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} in the model" for k, v in
+              state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = shapes[:3] + [f"missing {missing[:3]}"] * bool(missing)
+    problems += [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+    if problems:
+        raise CheckpointMismatchError(f"{where}: the checkpoint's weights do not fit the model: "
+                                      + "; ".join(problems))
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Export any ``medsft`` checkpoint to ``out_dir`` as a Hugging Face folder, in the checkpoint's dtype
+    (:func:`model_from_checkpoint`)."""
+    from transformers import AutoTokenizer
+
+    model, source = model_from_checkpoint(ckpt_path)
     return save_hf(model, AutoTokenizer.from_pretrained(source), out_dir)
 
 
@@ -114,5 +148,5 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         export_checkpoint(args.ckpt, args.out_dir)
-    except (UnsafeCheckpointError, FileNotFoundError) as err:
+    except (UnsafeCheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
         sys.exit(f"medsft export: error: {err}")
