@@ -35,6 +35,9 @@ EXTRA_COMMANDS = {
     "export": "medsft_lightning.training.export",
     "memory": "medsft_lightning.tools.memory_report",
     "preview": "medsft_lightning.tools.preview",
+    "compare": "medsft_lightning.tools.compare",
+    "webchat": "medsft_lightning.tools.webchat",
+    "chat": "medsft_lightning.tools.chat",
 }
 
 
