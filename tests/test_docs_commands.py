@@ -41,7 +41,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
 KNOWN_COMMANDS = LIGHTNING_COMMANDS | set(EXTRA_COMMANDS)
 SHELL_LANGUAGES = {"bash", "sh", "shell"}
-RUN_PATH = re.compile(r"^runs/(?P<name>[^/]+)/version_\d+/(?P<rest>.+)$")
+RUN_PATH = re.compile(r"^runs/(?P<name>[^/]+)/version_\d+(?:/(?P<rest>.+))?$")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def job(cmd: Command) -> dict:
 
 # Runs in one subprocess: each job's argv through the entry point its command uses; a JSON list of results.
 DRIVER = r'''
-import contextlib, io, json, socket, sys
+import contextlib, importlib, io, json, socket, sys
 
 real_connect = socket.socket.connect
 def guarded(self, address):  # nothing here may reach the network
@@ -143,6 +143,8 @@ def run(argv):
     sub = argv[0] if argv else ""
     if sub == "preview":  # what preview.main parses, without building the DataModule
         preview.build_parser().parse_args(preview._config_sections(argv[1:]))
+    elif sub in {"chat", "webchat", "compare"}:  # what their main parses, without loading a model
+        importlib.import_module(EXTRA_COMMANDS[sub]).build_parser().parse_args(argv[1:])
     elif sub in {"fit", "validate", "test", "predict"} or sub in EXTRA_COMMANDS:
         cli_main(argv)
     else:
@@ -194,7 +196,7 @@ def run_path_problems(where: str, argv: list[str], runs: dict[str, set[str]]) ->
         name, rest = match.group("name"), match.group("rest")
         if name not in runs:
             out.append(f"{where}: {arg}: no config used here writes runs/{name} (it writes {sorted(runs)})")
-        elif rest != "hf_model" and not (re.fullmatch(r"checkpoints/[^/]+\.ckpt", rest)
+        elif rest is not None and rest != "hf_model" and not (re.fullmatch(r"checkpoints/[^/]+\.ckpt", rest)
                                          and Path(rest).stem in runs[name]):
             out.append(f"{where}: {arg}: a run of this config holds hf_model or checkpoints/"
                        f"{{{','.join(sorted(runs[name]))}}}.ckpt, not {rest}")

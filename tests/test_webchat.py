@@ -168,9 +168,10 @@ def ask(page, question: str, columns: int) -> None:
 
 def write_docs_screenshot(cache_root: Path, tiny_dir: Path, tmp_path: Path, out: Path) -> None:
     """``docs/webchat.png``: a ``--compare`` run (base left, fine-tuned right), the right thinking opened."""
-    model = Path("runs/demo/version_0/hf_model")  # the tiny model under the name an exported run's would have
+    model = Path("runs/demo/version_0/hf_model")  # under the name an exported run's has
+    run = os.environ.get("MEDSFT_SCREENSHOT_RUN")  # a real demo run folder; else the tiny model itself
     (tmp_path / model.parent).mkdir(parents=True)
-    (tmp_path / model).symlink_to(tiny_dir, target_is_directory=True)
+    (tmp_path / model).symlink_to(Path(run).resolve() / "hf_model" if run else tiny_dir, target_is_directory=True)
     proc, url, _ = serve(cache_root, tmp_path, str(model), "--compare", "medsft:tiny-qwen3")
     try:
         with browser(1400, 1000) as b:

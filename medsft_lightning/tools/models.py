@@ -34,14 +34,14 @@ class LoadedModel:
     source: str
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A name meant as a local path, not a hub id: ``./x``, ``/x``, ``~/x``, ``runs/a/b`` (more than one
     slash), or one ending in ``.ckpt``. A hub id is ``owner/name`` (one slash)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".ckpt") or "\\" in name
 
 
 def load_model(name: str, *, flag: str = "MODEL", dtype: torch.dtype | None = None, device: str = "cpu",
-               cache_dir: str | None = None) -> LoadedModel:
+               cache_dir: str | None = None, revision: str | None = None) -> LoadedModel:
     """Load ``name`` (see the module docstring) for generation: eval mode, KV cache on, on ``device``.
 
     Args:
@@ -51,6 +51,7 @@ def load_model(name: str, *, flag: str = "MODEL", dtype: torch.dtype | None = No
             checkpoint's or folder's own dtype.
         device: ``cpu``, ``cuda``, ``cuda:1``, …
         cache_dir: the hub's download cache (``None``: the hub's default).
+        revision: branch, tag or commit of a hub id (a run's ``model.model_revision``); ignored for local paths.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +59,7 @@ def load_model(name: str, *, flag: str = "MODEL", dtype: torch.dtype | None = No
     from medsft_lightning.training.export import CheckpointMismatchError, model_from_checkpoint
 
     path = Path(name).expanduser()
-    if _looks_like_path(name) and not path.exists():
+    if looks_like_path(name) and not path.exists():
         raise ModelError(f"{flag}={name!r}: no such file or folder (give an exported hf_model folder, a .ckpt, "
                          "or a hub id such as Qwen/Qwen3-1.7B)")
     want = dtype if dtype is not None else (torch.float32 if device == "cpu" else None)
@@ -71,7 +72,7 @@ def load_model(name: str, *, flag: str = "MODEL", dtype: torch.dtype | None = No
             if path.is_dir() and not (path / "config.json").is_file():
                 raise ModelError(f"{flag}={name!r}: {path} holds no config.json, so it is not a model folder "
                                  "(an exported run's is <run>/hf_model)")
-            source = _resolve(name, flag, cache_dir)
+            source = _resolve(name, flag, cache_dir, revision)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=want if want is not None else "auto")
             tokenizer = AutoTokenizer.from_pretrained(source)
     except (UnsafeCheckpointError, CheckpointMismatchError) as err:
@@ -85,12 +86,12 @@ def load_model(name: str, *, flag: str = "MODEL", dtype: torch.dtype | None = No
     return LoadedModel(model, tokenizer, name, str(source))
 
 
-def _resolve(name: str, flag: str, cache_dir: str | None) -> str:
+def _resolve(name: str, flag: str, cache_dir: str | None, revision: str | None) -> str:
     """A local folder for ``name``; a failed download (offline, no such repo) becomes one :class:`ModelError`."""
     from medsft_lightning import hub
 
     try:
-        return hub.resolve_model(name, cache_dir=cache_dir, local_first=True)
+        return hub.resolve_model(name, revision=revision, cache_dir=cache_dir, local_first=True)
     except Exception as err:  # ModelScope's and huggingface_hub's errors share no base class
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelError(f"{flag}={name!r}: not a local file or folder, and fetching it as a hub id failed "
