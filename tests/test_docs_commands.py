@@ -221,6 +221,8 @@ def problems(result: dict) -> list[str]:
         return done + run_path_problems(where, argv, ALL_RUNS)
     if sub == "memory":
         return [] if result["stdout"].startswith("medsft memory: estimate") else [f"{where}: no estimate printed"]
+    if sub in ("chat", "webchat", "compare"):  # parsed only; their runs/… paths must be a config's run
+        return run_path_problems(where, argv, ALL_RUNS)
     return [] if sub == "preview" else [f"{where}: {sub!r} is not a medsft command"]
 
 
