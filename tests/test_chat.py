@@ -155,3 +155,20 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_dir, cache_root):
     child.expect_exact("you> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+@pytest.mark.parametrize("style, shown", [
+    ("full", "[think] \x1b[2mfirst line\nsecond line\x1b[0m\n[answer] Rest."),
+    ("folded", "[think] first line …\n[answer] Rest."),
+    ("hidden", "[think] \n[answer] Rest."),
+])
+def test_think_styles_show_the_think_block_apart(style, shown):
+    import io
+
+    from medsft_lightning.tools.chat import Printer
+
+    out = io.StringIO()
+    printer = Printer(out, style, color=True)
+    for kind, text in [("think", "first "), ("think", "line\nsecond"), ("think", " line"), ("answer", "Rest.")]:
+        printer(kind, text)
+    assert out.getvalue() == shown
