@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from medsft_lightning.data.datamodule import MedicalDataModule
 from medsft_lightning.data.encoding import TemplateError
@@ -38,6 +38,7 @@ EXTRA_COMMANDS = {
     "compare": "medsft_lightning.tools.compare",
     "webchat": "medsft_lightning.tools.webchat",
     "chat": "medsft_lightning.tools.chat",
+    "doctor": "medsft_lightning.tools.doctor",
 }
 
 
@@ -220,7 +221,9 @@ class MedSFTCLI(LightningCLI):
 
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if self.model.fsdp_root is not None:  # FSDP2: every rank takes part in loading and gathering the weights
-            export_sharded(self.trainer, self.model, self.trainer.strategy.broadcast(best), f"{log_dir}/hf_model")
+            out = export_sharded(self.trainer, self.model, self.trainer.strategy.broadcast(best), f"{log_dir}/hf_model")
+            if out is not None:  # rank zero
+                _doctor(out)
             return
         if not self.trainer.is_global_zero:
             return
@@ -228,12 +231,25 @@ class MedSFTCLI(LightningCLI):
             load_checkpoint_weights(self.model, best)
         out = save_hf(self.model.model, self.datamodule.load_tokenizer(), f"{log_dir}/hf_model")
         rank_zero_info(f"[export] {'best' if best else 'final'} weights → {out}")
+        _doctor(out)
 
     def before_validate(self) -> None:
         self._wire_run_folder()
         self._fsdp2_setup()
 
     before_test = before_predict = before_validate
+
+
+def _doctor(export: Path) -> None:
+    """``medsft doctor``'s file checks on the run's own export (the samples already showed it generates)."""
+    from medsft_lightning.tools.doctor import diagnose
+
+    results = diagnose(export, generate=False)
+    for check in results:
+        if not check.ok:
+            rank_zero_warn(f"[doctor] {export}: {check.name}: {check.detail}")
+    passed = sum(c.ok for c in results)
+    rank_zero_info(f"[doctor] {export}: {passed} of {len(results)} checks passed (medsft doctor {export})")
 
 
 def _log_changes(saved: dict, model) -> None:

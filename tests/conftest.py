@@ -59,7 +59,7 @@ def cache_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(cache_root) -> Path:
-    return cache_root / "tiny-qwen3-v1"
+    return cache_root / "tiny-qwen3-v2"
 
 
 @pytest.fixture(scope="session")

@@ -126,8 +126,10 @@ def test_fit_exports_a_plain_transformers_model_and_samples(fitted):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work, _, _ = fitted
+    work, _, proc = fitted
     run = work / "runs" / "demo" / "version_0"
+    # medsft doctor's file checks ran on the export (the demo's head_dim 64 is one vLLM serves)
+    assert "[doctor] runs/demo/version_0/hf_model: 8 of 8 checks passed" in proc.stderr
     rounds = {json.loads(line)["round"] for line in (run / "samples.jsonl").open(encoding="utf-8")}
     assert rounds == {0, 1, 2, 3, 4}  # baseline + 4 validations
     model = AutoModelForCausalLM.from_pretrained(run / "hf_model")

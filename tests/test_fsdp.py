@@ -216,7 +216,8 @@ def test_fsdp2_fit_sharded_checkpoint_resume_and_export(tmp_path, cache_root):
     assert all(x["num_generated_tokens"] == 8 for x in single)
     # gen_metrics (3 rows in batches of 2) alike; the killed run's metrics.csv was not flushed before the kill.
     one_gen = gen_metrics(tmp_path / "one/runs/r/version_0")
-    assert sorted(one_gen) == [3, 6, 9, 12] and one_gen[9][0] > 0.1  # ROUGE-L above 0: a comparison that can fail
+    # the answers have text (answer_chars > 0), so that comparing the figures below can fail
+    assert sorted(one_gen) == [3, 6, 9, 12] and min(chars for *_, chars in one_gen.values()) > 0
     assert gen_metrics(run) == {step: one_gen[step] for step in (6, 9, 12)}
 
     # The export: plain transformers, tied head, the best checkpoint's weights exactly; and it generates.

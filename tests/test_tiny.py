@@ -25,7 +25,8 @@ def test_tiny_model_loads_with_plain_transformers(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     cfg = model.config
     assert cfg.model_type == "qwen3" and cfg.vocab_size == VOCAB_SIZE
-    assert cfg.head_dim == 16 and cfg.tie_word_embeddings
+    assert cfg.tie_word_embeddings and cfg.head_dim == 64  # head_dim 64: what vLLM's attention kernels take
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 1)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.generation_config.eos_token_id == [151645, 151643]
     out = model(torch.tensor([[9707, 1879]]))

@@ -51,14 +51,16 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 FIRST_ADDED_ID = 151643
 VOCAB_SIZE = 151936  # Qwen3's embedding rows (padded beyond the 151,669 used ids)
 
-# The tiny demo architecture: the real vocabulary, everything else as small as still learns.
+# The tiny demo architecture: the real vocabulary, everything else as small as still learns. head_dim 64 (2 query
+# heads, 1 KV head, so attention is 64 -> 128 -> 64 wide): the smallest head size vLLM's CPU attention and its GPU
+# kernels (FlashAttention, FlashInfer) all take, so `medsft serve` serves the demo's export; 16 was refused.
 TINY_CONFIG: dict = {
     "hidden_size": 64,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
 }
@@ -178,7 +180,7 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
 def ensure_tiny_qwen3(cache_root: str | os.PathLike) -> Path:
     """Return the tiny Qwen3 folder in medsft's cache ``cache_root`` (``hub.medsft_cache()``), building it on first
     use. Names go the other way: ``hub.resolve_model("medsft:tiny-qwen3")`` calls this."""
-    out = Path(cache_root) / "tiny-qwen3-v1"
+    out = Path(cache_root) / "tiny-qwen3-v2"  # v2: head_dim 64 (v1: 16)
     if not (out / "config.json").is_file():
         write_tiny_qwen3(out)
     return out
