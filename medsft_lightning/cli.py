@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from medsft_lightning.data.datamodule import MedicalDataModule
 from medsft_lightning.data.encoding import TemplateError
@@ -18,6 +18,7 @@ from medsft_lightning.data.sources import DataError
 from medsft_lightning.generation.metrics import GenerationMetrics
 from medsft_lightning.generation.predict import AnswerWriter
 from medsft_lightning.generation.samples import SampleGenerations
+from medsft_lightning.tools.doctor import check_fit_export
 from medsft_lightning.training.checkpoints import (
     AtomicCheckpointIO,
     UnsafeCheckpointError,
@@ -38,6 +39,7 @@ EXTRA_COMMANDS = {
     "compare": "medsft_lightning.tools.compare",
     "webchat": "medsft_lightning.tools.webchat",
     "chat": "medsft_lightning.tools.chat",
+    "serve": "medsft_lightning.tools.serve",
     "doctor": "medsft_lightning.tools.doctor",
 }
 
@@ -223,7 +225,7 @@ class MedSFTCLI(LightningCLI):
         if self.model.fsdp_root is not None:  # FSDP2: every rank takes part in loading and gathering the weights
             out = export_sharded(self.trainer, self.model, self.trainer.strategy.broadcast(best), f"{log_dir}/hf_model")
             if out is not None:  # rank zero
-                _doctor(out)
+                check_fit_export(out)
             return
         if not self.trainer.is_global_zero:
             return
@@ -231,25 +233,13 @@ class MedSFTCLI(LightningCLI):
             load_checkpoint_weights(self.model, best)
         out = save_hf(self.model.model, self.datamodule.load_tokenizer(), f"{log_dir}/hf_model")
         rank_zero_info(f"[export] {'best' if best else 'final'} weights → {out}")
-        _doctor(out)
+        check_fit_export(out)
 
     def before_validate(self) -> None:
         self._wire_run_folder()
         self._fsdp2_setup()
 
     before_test = before_predict = before_validate
-
-
-def _doctor(export: Path) -> None:
-    """``medsft doctor``'s file checks on the run's own export (the samples already showed it generates)."""
-    from medsft_lightning.tools.doctor import diagnose
-
-    results = diagnose(export, generate=False)
-    for check in results:
-        if not check.ok:
-            rank_zero_warn(f"[doctor] {export}: {check.name}: {check.detail}")
-    passed = sum(c.ok for c in results)
-    rank_zero_info(f"[doctor] {export}: {passed} of {len(results)} checks passed (medsft doctor {export})")
 
 
 def _log_changes(saved: dict, model) -> None:

@@ -98,3 +98,9 @@ def test_the_command_exits_non_zero_naming_the_check(export, tmp_path, cache_roo
     good = subprocess.run([*cmd[:-2], str(export), "--no_generate"], capture_output=True, text=True, timeout=300,
                           env=offline_env(cache_root))
     assert good.returncode == 0 and "8 of 8 checks passed" in good.stdout
+
+
+def test_the_tiny_model_folder_itself_passes(tiny_dir):
+    """``medsft serve medsft:tiny-qwen3`` and ``medsft doctor`` take the demo's base model as it is written."""
+    results = diagnose(tiny_dir, generate=False)
+    assert all(c.ok for c in results), report(tiny_dir, results)

@@ -165,6 +165,9 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = config["torch_dtype"] = "float32"  # both names, as an export writes them (medsft doctor)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (tmp / "medsft_tiny.json").write_text(json.dumps({"seed": seed, **TINY_CONFIG, **overrides}, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

