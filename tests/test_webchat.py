@@ -20,7 +20,7 @@ import pytest
 
 from medsft_lightning.generation.chat import ChatSession
 from medsft_lightning.generation.generate import Generation
-from medsft_lightning.tools import webchat
+from medsft_lightning.tools import server_process, webchat
 from tests.browser import browser
 from tests.conftest import offline_env
 
@@ -126,7 +126,7 @@ def serve(cache_root: Path, tmp_path: Path, *args: str) -> tuple[subprocess.Pope
     """Start ``medsft webchat ARGS`` (network refused and logged) and wait for its page: (process, url, net log)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "sitecustomize.py").write_text(NET_GUARD, encoding="utf-8")
-    port, log, net = webchat.free_port("127.0.0.1"), tmp_path / "webchat.log", tmp_path / "net.log"
+    port, log, net = server_process.free_port("127.0.0.1"), tmp_path / "webchat.log", tmp_path / "net.log"
     path = os.pathsep.join(p for p in (str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = offline_env(cache_root, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=path, MEDSFT_NET_LOG=str(net))
     with log.open("w") as out:

@@ -184,15 +184,20 @@ class ChatSession:
         self.replies.clear()
 
     def save(self, path: str | Path) -> Path:
-        """The transcript as JSONL: one line per turn (question, think, answer, finish_reason, token counts,
-        prompt and reply token ids), the decoding settings in each."""
-        out = Path(path).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as f:
-            for r in self.replies:
-                f.write(json.dumps({**asdict(r), "tokens_per_s": round(r.tokens_per_s, 2),
-                                    "settings": asdict(self.settings)}, ensure_ascii=False) + "\n")
-        return out
+        """The transcript as JSONL (:func:`write_transcript`)."""
+        return write_transcript(path, self.replies, self.settings)
+
+
+def write_transcript(path: str | Path, replies: list[Reply], settings: Generation, extra: dict | None = None) -> Path:
+    """One JSON line per turn (question, think, answer, finish_reason, token counts, prompt and reply token ids),
+    with the decoding settings and ``extra`` (e.g. a served model's URL) in each."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for r in replies:
+            f.write(json.dumps({**asdict(r), "tokens_per_s": round(r.tokens_per_s, 2), **(extra or {}),
+                                "settings": asdict(settings)}, ensure_ascii=False) + "\n")
+    return out
 
 
 def read_transcript(path: str | Path) -> list[dict]:

@@ -11,7 +11,8 @@ training curves its ``metrics.csv``. Each model in turn is loaded, scored teache
 (:mod:`~medsft_lightning.tools.compare_metrics`), made to answer every question with the same prompts, decoding
 and seed (the batched path ``medsft predict`` and ``gen_metrics`` use), and freed before the next one. ``--out``
 receives ``pairs.jsonl``, ``metrics.json``, ``report.md`` and a self-contained ``report.html``
-(:mod:`~medsft_lightning.tools.report`).
+(:mod:`~medsft_lightning.tools.report`). ``--endpoint URL`` / ``--base_endpoint URL``: a side served by a running
+OpenAI-compatible server instead (:mod:`~medsft_lightning.tools.compare_served`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.data.sources import DataError, read_records
 from medsft_lightning.generation.generate import Generation, generate_batch, generation_mode
 from medsft_lightning.generation.wrapped import base_model
+from medsft_lightning.tools import compare_served as served
 from medsft_lightning.tools.compare_metrics import generation_summary, paired, score_answer, teacher_forced
 from medsft_lightning.tools.models import ModelError, load_model, looks_like_path
 from medsft_lightning.tools.preview import LINKED
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--system_prompt", help="system turn (default: the run's data.system_prompt, else medsft's default)")
     add("--max_length", type=int, help="teacher-forced rows cut to this many tokens (default: the run's, else 2048)")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    served.add_endpoint_args(parser)
     return parser
 
 
@@ -163,16 +166,19 @@ def resolve_inputs(args: argparse.Namespace) -> Inputs:
         cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
         model, data = cfg.get("model") or {}, cfg.get("data") or {}
         data = data.get("init_args", data)
-        if args.model is None and not (run / "hf_model").is_dir():
+        if args.model is None and args.endpoint is None and not (run / "hf_model").is_dir():
             raise CompareError(f"--run={args.run!r}: no hf_model folder in it (the run was not exported; write one "
                                f"with: medsft export {run}/checkpoints/best.ckpt {run}/hf_model)")
-    base, tuned = args.base or model.get("model_name_or_path"), args.model or (str(run / "hf_model") if run else None)
+    base = args.base_endpoint or args.base or model.get("model_name_or_path")
+    tuned = args.endpoint or args.model or (str(run / "hf_model") if run else None)
     if not base or not tuned or (run is None and not args.questions):
-        raise CompareError("give --run RUN_DIR, or --base MODEL --model MODEL --questions FILE")
+        raise CompareError("give --run RUN_DIR, or --base MODEL --model MODEL --questions FILE (--base_endpoint URL / "
+                           "--endpoint URL for served models)")
     rows = read_compare_questions(args.questions) if args.questions else validation_rows(model, data)
     return Inputs(
-        base=base, base_flag="--base" if args.base else f"model.model_name_or_path (in {run}/config.yaml)",
-        tuned=tuned, tuned_flag="--model" if args.model else "--run",
+        base=base, base_flag="--base_endpoint" if args.base_endpoint else "--base" if args.base
+        else f"model.model_name_or_path (in {run}/config.yaml)",
+        tuned=tuned, tuned_flag="--endpoint" if args.endpoint else "--model" if args.model else "--run",
         rows=rows,
         system_prompt=args.system_prompt if args.system_prompt is not None
         else data.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
@@ -207,6 +213,8 @@ def evaluate(name: str, flag: str, inputs: Inputs, settings: Generation, args: a
     Returns:
         ``(summary, scored answers, resolved settings)``.
     """
+    if flag in served.ENDPOINT_FLAGS:  # a running server answers (--endpoint, --base_endpoint)
+        return served.evaluate_served(name, flag, inputs, settings, args)
     revision = inputs.base_revision if name == inputs.base else None
     loaded = load_model(name, flag=flag, device=args.device, cache_dir=inputs.cache_dir, revision=revision)
     tokenizer = loaded.tokenizer
@@ -236,15 +244,16 @@ def compare(args: argparse.Namespace) -> dict:
                         (args.max_new_tokens, "--max_new_tokens")):
         if value is not None and value < 1:
             raise CompareError(f"{flag}={value}: use 1 or more")
+    served.check_endpoint_args(args)
     inputs = resolve_inputs(args)
     for name, flag in ((inputs.base, inputs.base_flag), (inputs.tuned, inputs.tuned_flag)):
-        if looks_like_path(name) and not Path(name).expanduser().exists():  # fail before the first model runs
+        if flag not in served.ENDPOINT_FLAGS and looks_like_path(name) and not Path(name).expanduser().exists():
             raise ModelError(f"{flag}={name!r}: no such file or folder")
     settings = Generation(max_new_tokens=args.max_new_tokens, do_sample=False if args.greedy else None,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     base, base_scored, settings = evaluate(inputs.base, inputs.base_flag, inputs, settings, args)
     tuned, tuned_scored, _ = evaluate(inputs.tuned, inputs.tuned_flag, inputs, settings, args)
-    if base["prompts"] != tuned["prompts"]:
+    if base["prompts"] != tuned["prompts"] and ("endpoint" in base) == ("endpoint" in tuned):
         logger.warning("[compare] the two tokenizers encode the prompts differently: each model got its own")
     questions = inputs.rows[: args.limit]
     pairs = [{"id": q["id"], "question": q["question"],
@@ -277,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         metrics = compare(args)
-    except (ModelError, DataError, TemplateError, CompareError, FileNotFoundError, yaml.YAMLError) as err:
+    except (ModelError, DataError, TemplateError, CompareError, served.EndpointError, FileNotFoundError,
+            yaml.YAMLError) as err:
         sys.exit(f"medsft compare: error: {_one_line(err)}")
     out = Path(args.out) if args.out else (Path(args.run) / "compare" if args.run else Path("compare"))
     base, tuned = (metrics["models"][k]["generation"]["rougeL"] for k in ("base", "tuned"))

@@ -58,6 +58,12 @@ def _figure(metrics: dict, model: str, metric: str) -> float | None:
     return entry["teacher_forced" if metric in TEACHER_FORCED else "generation"][metric]
 
 
+def _shown(metrics: dict, model: str, metric: str) -> str:
+    """:func:`fmt` of a figure, or the note of a served model (``--endpoint``), which has no teacher-forced ones."""
+    note = metrics["models"][model]["teacher_forced"].get("note") if metric in TEACHER_FORCED else None
+    return note or fmt(metric, _figure(metrics, model, metric))
+
+
 def _metric_row(metrics: dict, metric: str) -> str:
     base, tuned = (_figure(metrics, m, metric) for m in MODELS)
     cells = []
@@ -67,7 +73,7 @@ def _metric_row(metrics: dict, metric: str) -> str:
             (metric in HIGHER_BETTER and value > other) or (metric in LOWER_BETTER and value < other))
         exact, attr = ("" if value is None else repr(value)), (' class="better"' if better else "")
         cells.append(f'<td data-metric="{metric}" data-model="{model}" data-value="{exact}"{attr}>'
-                     f"{fmt(metric, value)}</td>")
+                     f"{html.escape(_shown(metrics, model, metric))}</td>")
     delta, kind = "—", ""
     if base is not None and tuned is not None:
         diff = tuned - base
@@ -80,7 +86,7 @@ def _metric_row(metrics: dict, metric: str) -> str:
 
 def metrics_table(metrics: dict) -> str:
     """``table#metrics``: teacher-forced figures first, then the generation ones, per model."""
-    forced = metrics["models"]["base"]["teacher_forced"]
+    forced = max((metrics["models"][k]["teacher_forced"] for k in MODELS), key=lambda f: f["rows"])
     heads = "".join(f'<th data-model="{k}">{label}<div class="def">{html.escape(metrics["models"][k]["name"])}</div>'
                     f"</th>" for k, label in MODELS.items())
     rows = [f'<tr class="group"><th colspan="4">Teacher-forced on the reference answers ({forced["rows"]} rows, '
@@ -186,7 +192,7 @@ def render_markdown(metrics: dict, pairs: list[dict], metrics_csv: Path | None) 
     lines += [f"- {metrics['questions']} questions; decoding: {Generation(**metrics['decoding']).describe()}", "",
               "## Metrics", "", "| metric | base | fine-tuned | definition |", "|---|---:|---:|---|"]
     for metric in TEACHER_FORCED + GENERATED:
-        base, tuned = (fmt(metric, _figure(metrics, m, metric)) for m in MODELS)
+        base, tuned = (_shown(metrics, m, metric) for m in MODELS)
         lines.append(f"| {_cell(LABELS[metric])} | {base} | {tuned} | {_cell(DEFINITIONS[metric])} |")
     p = metrics["paired"]
     lines += ["", "## Question by question (ROUGE-L F1)", ""]

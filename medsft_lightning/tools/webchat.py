@@ -7,6 +7,7 @@ left and MODEL on the right); the answer streams in, its thinking in a collapsib
 Both models answer every question with the same decoding settings and seed, one after the other::
 
     medsft webchat runs/demo/version_0/hf_model --compare medsft:tiny-qwen3 --max_think_tokens 256
+    medsft webchat --endpoint http://127.0.0.1:8000/v1 --compare_endpoint http://127.0.0.1:8001/v1  # served ones
 
 The conversation lives in the server (one :class:`~medsft_lightning.generation.chat.ChatSession` per model),
 so it is one user's: a second tab sees and continues the same chat.
@@ -18,7 +19,6 @@ import argparse
 import logging
 import os
 import queue
-import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +27,8 @@ from dataclasses import replace
 from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
 from medsft_lightning.generation.chat import ChatSession, Reply
 from medsft_lightning.generation.generate import Generation
+from medsft_lightning.tools.chat import add_endpoint_args, open_session
+from medsft_lightning.tools.server_process import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -233,16 +235,10 @@ def build_app(sessions: Sequence[ChatSession], names: Sequence[str], title: str 
     return app
 
 
-def free_port(host: str) -> int:
-    """A port nobody listens on at ``host`` (for ``--port 0``)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsft webchat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", metavar="MODEL", help="an exported hf_model folder, a .ckpt, or a hub id")
+    parser.add_argument("model", metavar="MODEL", nargs="?", help="an exported hf_model folder, a .ckpt, or a hub id "
+                        "(leave it out with --endpoint)")
     parser.add_argument("--compare", metavar="BASE", help="a second model (the base) answering beside MODEL")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (0: any free one)")
@@ -255,25 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_think", action="store_true", help="start with thinking off")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="system message ('' for none)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    add_endpoint_args(parser, compare=True)
     return parser
 
 
-def make_sessions(args: argparse.Namespace) -> tuple[list[ChatSession], list[str]]:
-    """Load MODEL (and BASE) and open a session on each: ``(sessions, names)``, the base first."""
-    from medsft_lightning.tools.models import ModelError, load_model
+def make_sessions(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """MODEL's (and BASE's) sessions, loaded here or on a running server: ``(sessions, names)``, the base first."""
+    from medsft_lightning.generation.endpoint import EndpointError
+    from medsft_lightning.tools.models import ModelError
 
     settings = Generation(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
-    wanted = [(args.compare, "--compare")] if args.compare else []
+    options = dict(system_prompt=args.system_prompt or None, enable_thinking=not args.no_think,
+                   max_think_tokens=args.max_think_tokens)
+    sides = [dict(model=args.model, endpoint=args.endpoint, served_model=args.served_model)]
+    if args.compare or args.compare_endpoint:
+        sides.insert(0, dict(model=args.compare, flag="--compare", endpoint=args.compare_endpoint,
+                             endpoint_flag="--compare_endpoint", served_model=args.compare_served_model,
+                             served_flag="--compare_served_model"))
     try:
-        loaded = [load_model(name, flag=flag, device=args.device) for name, flag in [*wanted, (args.model, "MODEL")]]
-    except ModelError as err:
+        opened = [open_session(settings, options, api_key=args.api_key, device=args.device, **side) for side in sides]
+    except (ModelError, EndpointError) as err:
         sys.exit(f"medsft webchat: error: {err}")
-    sessions = [ChatSession(m.model, m.tokenizer, settings, system_prompt=args.system_prompt or None,
-                            enable_thinking=not args.no_think, max_think_tokens=args.max_think_tokens)
-                for m in loaded]
-    logger.info("[webchat] %s", sessions[0].settings.describe())
-    return sessions, [m.name for m in loaded]
+    logger.info("[webchat] %s", opened[0][0].settings.describe())
+    return [session for session, _, _ in opened], [name for _, name, _ in opened]
 
 
 def main(argv: list[str] | None = None) -> None:
