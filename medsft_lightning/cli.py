@@ -18,7 +18,9 @@ from medsft_lightning.data.sources import DataError
 from medsft_lightning.generation.metrics import GenerationMetrics
 from medsft_lightning.generation.predict import AnswerWriter
 from medsft_lightning.generation.samples import SampleGenerations
+from medsft_lightning.generation.vllm_engine import VllmEngineError, add_vllm_arguments, setup_engine
 from medsft_lightning.tools.doctor import check_fit_export
+from medsft_lightning.tools.vllm_env import vllm_python
 from medsft_lightning.training.checkpoints import (
     AtomicCheckpointIO,
     UnsafeCheckpointError,
@@ -101,6 +103,7 @@ class MedSFTCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.add_lightning_class_args(GenerationMetrics, "gen_metrics")
         parser.add_lightning_class_args(AnswerWriter, "predict_writer")
+        add_vllm_arguments(parser)  # predict: --engine hf|vllm, --vllm_python, --vllm_batch
         parser.add_argument(
             "--export", type=bool, default=True,
             help="fit: at the end, save the best checkpoint's weights as a Hugging Face folder <run>/hf_model",
@@ -238,6 +241,7 @@ class MedSFTCLI(LightningCLI):
     def before_validate(self) -> None:
         self._wire_run_folder()
         self._fsdp2_setup()
+        setup_engine(self, vllm_python)  # predict --engine vllm: vLLM decodes in its own Python (vllm_engine.py)
 
     before_test = before_predict = before_validate
 
@@ -270,7 +274,7 @@ def cli_main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         MedSFTCLI(args=argv)
-    except (ConfigError, DataError, TemplateError, FileNotFoundError, UnsafeCheckpointError) as err:
+    except (ConfigError, DataError, TemplateError, FileNotFoundError, UnsafeCheckpointError, VllmEngineError) as err:
         sys.exit(f"medsft: error: {err}")
     except pickle.UnpicklingError as err:  # Lightning's own load of --ckpt_path (weights_only=True) refused it
         sys.exit(f"medsft: error: {UnsafeCheckpointError.__name__}: the checkpoint holds objects other than tensors "

@@ -3,7 +3,9 @@
 This stage owns decoding (``decode``: batched, left-padded, KV-cached, every FSDP2 rank in lockstep), the
 decoding settings and batched generation with the think/answer split (``generate``), how generation sees a
 model that is being trained (``wrapped``: through a peft wrapper and FSDP2 units), the sample-generation
-callback (``samples``), the generation metrics at validation (``metrics``) and ``medsft predict``'s
-resumable answer file (``predict``). It may import :mod:`medsft_lightning.data` and
+callback (``samples``), the generation metrics at validation (``metrics``), ``medsft predict``'s
+resumable answer file (``predict``) and its vLLM engine (``vllm_engine``, driving the standalone
+``vllm_worker`` in vLLM's own Python), a multi-turn chat (``chat``) and the same chat against an
+OpenAI-compatible server (``endpoint``). It may import :mod:`medsft_lightning.data` and
 :mod:`medsft_lightning.hub`, never training: the LightningModule imports generation, not the other way.
 """

@@ -163,14 +163,15 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], settings:
                  temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                  presence_penalty=settings.presence_penalty, repetition_penalty=settings.repetition_penalty,
                  sharded=is_sharded(model))
-    results = []
-    for tokens in out:
-        stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-        kept = tokens if stop_at is None else tokens[: stop_at + 1]
-        raw = tokenizer.decode(kept, skip_special_tokens=True)
-        think, answer, well_formed = split_think_answer(raw)
-        results.append({
-            "think": think, "answer": answer, "raw": raw, "well_formed": well_formed,
-            "finish_reason": "length" if stop_at is None else "stop", "num_generated_tokens": len(kept),
-        })
-    return results
+    return [generated_output(tokens, tokenizer, stop_ids) for tokens in out]
+
+
+def generated_output(tokens: Sequence[int], tokenizer, stop_ids: Sequence[int]) -> dict:
+    """One answer's dict (see :func:`generate_batch`) from its new token ids, cut after the first stop token; also
+    what ``medsft predict --engine vllm`` makes of vLLM's tokens."""
+    stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    kept = list(tokens if stop_at is None else tokens[: stop_at + 1])
+    raw = tokenizer.decode(kept, skip_special_tokens=True)
+    think, answer, well_formed = split_think_answer(raw)
+    return {"think": think, "answer": answer, "raw": raw, "well_formed": well_formed,
+            "finish_reason": "length" if stop_at is None else "stop", "num_generated_tokens": len(kept)}

@@ -79,6 +79,8 @@ class MedSFTModule(L.LightningModule):
             need none. ``false``: plain AdamW on bf16 weights (most updates at lr 1e-5 are lost).
     """
 
+    predict_engine = None  # ``medsft predict --engine vllm``: a generation.vllm_engine.VllmEngine decodes instead
+
     def __init__(
         self,
         model_name_or_path: str = hub.TINY_MODEL,
@@ -118,7 +120,7 @@ class MedSFTModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None or self.predict_engine is not None:  # vLLM loads the model in its own process
             return
         from transformers import AutoModelForCausalLM
 
@@ -242,6 +244,8 @@ class MedSFTModule(L.LightningModule):
             raise RuntimeError("medsft predict with ModelParallelStrategy (FSDP2) is not supported: each rank decodes "
                                "its own questions, so the ranks' shard gathers would not line up. Predict with "
                                "--trainer.strategy ddp, or from the exported <run>/hf_model")
+        if self.predict_engine is not None:  # no model in this process
+            return
         self.model.eval()
         self.model.config.use_cache = True
         if getattr(self.model, "is_gradient_checkpointing", False):
@@ -250,8 +254,9 @@ class MedSFTModule(L.LightningModule):
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Answer a batch of question rows (with ``prompt_ids``); one dict per row."""
-        tokenizer = self.trainer.datamodule.load_tokenizer()
-        outputs = generate_batch(self.model, tokenizer, [r["prompt_ids"] for r in batch], self.generation)
+        tokenizer, prompts = self.trainer.datamodule.load_tokenizer(), [r["prompt_ids"] for r in batch]
+        outputs = (generate_batch(self.model, tokenizer, prompts, self.generation) if self.predict_engine is None
+                   else self.predict_engine.generate(tokenizer, prompts, self.generation))
         return [{"id": r["id"], "question": r["question"], **o} for r, o in zip(batch, outputs)]
 
     # -- checkpoints ---------------------------------------------------------------------------
