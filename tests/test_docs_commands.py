@@ -134,6 +134,7 @@ from medsft_lightning.tools import preview
 
 from medsft_lightning.hub import tiny
 from medsft_lightning.cli import EXTRA_COMMANDS, cli_main
+PARSE_ONLY = {"chat", "webchat", "compare", "serve", "doctor"}
 
 calls = []
 export.export_checkpoint = lambda ckpt, out_dir: calls.append({"ckpt": ckpt, "out_dir": out_dir})
@@ -143,8 +144,9 @@ def run(argv):
     sub = argv[0] if argv else ""
     if sub == "preview":  # what preview.main parses, without building the DataModule
         preview.build_parser().parse_args(preview._config_sections(argv[1:]))
-    elif sub in {"chat", "webchat", "compare"}:  # what their main parses, without loading a model
-        importlib.import_module(EXTRA_COMMANDS[sub]).build_parser().parse_args(argv[1:])
+    elif sub in PARSE_ONLY:  # what their main parses, without loading a model or starting a server
+        args = argv[1:argv.index("--")] if "--" in argv else argv[1:]  # serve: what follows -- is vLLM's
+        importlib.import_module(EXTRA_COMMANDS[sub]).build_parser().parse_args(args)
     elif sub in {"fit", "validate", "test", "predict"} or sub in EXTRA_COMMANDS:
         cli_main(argv)
     else:
@@ -221,7 +223,7 @@ def problems(result: dict) -> list[str]:
         return done + run_path_problems(where, argv, ALL_RUNS)
     if sub == "memory":
         return [] if result["stdout"].startswith("medsft memory: estimate") else [f"{where}: no estimate printed"]
-    if sub in ("chat", "webchat", "compare"):  # parsed only; their runs/… paths must be a config's run
+    if sub in ("chat", "webchat", "compare", "serve", "doctor"):  # parsed only; runs/… paths: a config's run
         return run_path_problems(where, argv, ALL_RUNS)
     return [] if sub == "preview" else [f"{where}: {sub!r} is not a medsft command"]
 
