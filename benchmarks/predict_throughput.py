@@ -46,20 +46,27 @@ def one_by_one(model, tokenizer, rows, max_new_tokens: int) -> tuple[float, int]
     return time.perf_counter() - start, generated
 
 
+def questions_datamodule(model_path: str, rows, batch_size: int, workdir: Path, answers: str):
+    """The questions written as ``medsft predict``'s input file, the DataModule that reads them, and the
+    answer file to write."""
+    from medsft_lightning.data.datamodule import MedicalDataModule
+
+    qfile = workdir / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    dm = MedicalDataModule(dataset="medsft:sample", tokenizer=model_path, predict_dataset=str(qfile),
+                           batch_size=batch_size)
+    return dm, workdir / answers
+
+
 def medsft_predict(model_path: str, rows, batch_size: int, max_new_tokens: int, workdir: Path) -> tuple[float, int]:
     """``medsft predict``'s own path: DataModule (sorted batches) → predict_step → AnswerWriter."""
     import lightning as L
 
-    from medsft_lightning.data.datamodule import MedicalDataModule
     from medsft_lightning.generation.generate import Generation
     from medsft_lightning.generation.predict import AnswerWriter
     from medsft_lightning.training.module import MedSFTModule
 
-    qfile = workdir / "questions.jsonl"
-    qfile.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    out = workdir / "answers.jsonl"
-    dm = MedicalDataModule(dataset="medsft:sample", tokenizer=model_path, predict_dataset=str(qfile),
-                           batch_size=batch_size)
+    dm, out = questions_datamodule(model_path, rows, batch_size, workdir, "answers.jsonl")
     module = MedSFTModule(model_path, generation=Generation(max_new_tokens=max_new_tokens, do_sample=False))
     module.configure_model()  # load outside the timed region, as on the other side
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -79,17 +86,12 @@ def vllm_predict(model_path: str, rows, batch_size: int, max_new_tokens: int, wo
     vLLM worker (started before and ended after the timed region)."""
     import lightning as L
 
-    from medsft_lightning.data.datamodule import MedicalDataModule
     from medsft_lightning.generation.generate import Generation
     from medsft_lightning.generation.predict import AnswerWriter
     from medsft_lightning.generation.vllm_engine import VllmEngine
     from medsft_lightning.training.module import MedSFTModule
 
-    qfile = workdir / "questions.jsonl"
-    qfile.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    out = workdir / "answers_vllm.jsonl"
-    dm = MedicalDataModule(dataset="medsft:sample", tokenizer=model_path, predict_dataset=str(qfile),
-                           batch_size=batch_size)
+    dm, out = questions_datamodule(model_path, rows, batch_size, workdir, "answers_vllm.jsonl")
     module = MedSFTModule(model_path, generation=Generation(max_new_tokens=max_new_tokens, do_sample=False))
     engine = module.predict_engine = VllmEngine(python, model_path, "float32")
     engine.on_predict_end = lambda trainer, pl_module: None  # closed after the timed region
