@@ -84,6 +84,7 @@ def test_chat_in_a_pty_streams_keeps_qwen3_history_and_saves(tmp_path, tiny_dir,
     assert first["think"] and rendered.count("<think>") == 1 and rendered.endswith("<think>\n\n</think>\n\n")
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_chat_with_a_missing_model_is_one_clear_line(cache_root):
     child = pexpect.spawn(sys.executable, ["-m", "medsft_lightning.cli", "chat", "runs/nope/version_0/hf_model"],
                           env=offline_env(cache_root), encoding="utf-8", timeout=120)

@@ -229,6 +229,7 @@ def test_stats_are_logged_and_saved_with_the_run_hyperparameters(tmp_path, tiny_
     assert dm.stats["val_questions_in_train"] == 6  # val_dataset is the training file itself
 
 
+@pytest.mark.e2e  # a console-script subprocess
 # -- medsft preview -------------------------------------------------------------------------------------
 def test_preview_shows_the_label_mask_and_length_statistics(tmp_path, cache_root, tokenizer):
     from medsft_lightning import hub

@@ -298,16 +298,19 @@ def test_the_docs_show_every_command():
     assert wrapped == {"torchrun", "srun"}, wrapped  # a new launcher: check that its medsft part is found
 
 
+@pytest.mark.e2e  # a console-script subprocess
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.where for c in COMMANDS])
 def test_documented_command_parses(cmd, checked):
     assert problems(checked["documented"][cmd]) == []
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_parsing_built_downloaded_and_wrote_nothing(checked):
     for name, folder in checked["empty"].items():
         assert not any(folder.iterdir()), f"{name}: {sorted(p.name for p in folder.iterdir())}"
 
 
+@pytest.mark.e2e  # a console-script subprocess
 @pytest.mark.parametrize("key", sorted(BREAKAGES))
 def test_a_broken_flag_in_a_doc_fails(key, checked):
     found = problems(checked["broken"][key])
@@ -315,6 +318,7 @@ def test_a_broken_flag_in_a_doc_fails(key, checked):
     assert BREAKAGES[key][3] in "\n".join(found), found
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_memory_example_is_what_memory_prints(checked):
     text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
     shown = [body for language, _, body in fenced_blocks(text)

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medsft_lightning.hub.tiny import write_tiny_qwen3
 from medsft_lightning.tools.doctor import diagnose, report
 from medsft_lightning.training.export import save_hf
 from tests.conftest import offline_env
@@ -75,12 +74,11 @@ def test_an_untied_lm_head_that_differs_from_the_embeddings(export, tmp_path):
     assert failed(folder) == []
 
 
-def test_an_unsupported_head_dim(tmp_path):
-    folder = write_tiny_qwen3(tmp_path / "hd16", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    out = save_hf(model, AutoTokenizer.from_pretrained(folder), tmp_path / "hf_model")
-    assert failed(out) == ["head_dim"]
-    assert "head_dim: 16: vLLM's attention takes" in report(out, diagnose(out, generate=False))
+def test_an_unsupported_head_dim(export, tmp_path):
+    folder = broken(export, tmp_path)
+    edit_json(folder / "config.json", lambda c: c.update(head_dim=16))  # the demo model's before it served on vLLM
+    assert failed(folder) == ["head_dim"]
+    assert "head_dim: 16: vLLM's attention takes" in report(folder, diagnose(folder, generate=False))
 
 
 def test_dtype_keys_must_name_the_weights_dtype(export, tmp_path):
@@ -89,6 +87,7 @@ def test_dtype_keys_must_name_the_weights_dtype(export, tmp_path):
     assert failed(folder) == ["dtype"]
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_the_command_exits_non_zero_naming_the_check(export, tmp_path, cache_root):
     folder = broken(export, tmp_path)
     edit_json(folder / "generation_config.json", lambda g: g.pop("eos_token_id"))

@@ -75,6 +75,7 @@ class RunsCode:
         return Path.touch, (self.target,)
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, cache_root):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.ckpt"

@@ -120,6 +120,7 @@ def test_public_names_and_old_module_paths_still_import():
         assert new in MODULES, f"MOVED names {old} → {new}, which does not exist"
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_a_saved_config_with_the_old_logger_class_path_still_runs(tmp_path):
     """Run folders hold config.yaml files from before the stages: ``class_path: medsft_lightning.loggers.…``."""
     repo = PACKAGE.parent

@@ -213,6 +213,7 @@ def run_memory(args: list[str], module: str = "medsft_lightning.tools.memory_rep
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e  # a console-script subprocess
 def test_medsft_memory_command_prints_the_estimate():
     proc = run_memory(["memory", "--config", FULL, "--data.batch_size", "2"], module="medsft_lightning.cli")
     assert proc.returncode == 0, proc.stderr
