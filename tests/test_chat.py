@@ -171,3 +171,30 @@ def test_think_styles_show_the_think_block_apart(style, shown):
     for kind, text in [("think", "first "), ("think", "line\nsecond"), ("think", " line"), ("answer", "Rest.")]:
         printer(kind, text)
     assert out.getvalue() == shown
+
+
+def test_the_stream_decodes_each_token_once_and_waits_for_whole_characters(tiny_chat):
+    from medsft_lightning.generation.chat import ReplyStream
+
+    _, tok = tiny_chat
+    text = "<think>\n高烧39度𪚥 fever\n</think>\n\n多喝水，休息。"  # 𪚥: three byte-tokens
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces: list[tuple[str, str]] = []
+    decoded: list[int] = []
+
+    class Counting:  # the tokenizer, counting the tokens each decode is handed
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, token_ids, **kwargs):
+            decoded.append(len(token_ids))
+            return tok.decode(token_ids, **kwargs)
+
+    stream = ReplyStream(Counting(), thinking=True, on_delta=lambda kind, piece: pieces.append((kind, piece)))
+    for i in ids + [tok.convert_tokens_to_ids("<|im_end|>")]:
+        stream.add(i)
+    assert sum(decoded) == len(ids) + 3  # each token once, 𪚥's first two again while it waited (not n²/2)
+    assert stream.text == tok.decode(ids, skip_special_tokens=False)  # the pieces concatenate to the whole
+    assert not any("\ufffd" in piece for _, piece in pieces)  # 𪚥 came whole, after its third token
+    assert stream.parts() == ("高烧39度𪚥 fever", "多喝水，休息。", True)
+    assert "".join(p for k, p in pieces if k == "answer") == "多喝水，休息。"
