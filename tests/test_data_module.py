@@ -57,6 +57,39 @@ def test_modelscope_snapshot_rows_are_read_and_hub_metadata_skipped(tmp_path, ti
         wrong.setup("fit")
 
 
+def seed_tutorial_split(path):
+    """The seed tutorial's split (Qwen3-Medical-SFT's data preparation), run as it is written there."""
+    import json
+    import random
+
+    state = random.getstate()
+    try:
+        random.seed(42)
+        data_list = [json.loads(line) for line in open(path, encoding="utf-8")]
+        random.shuffle(data_list)
+        split_idx = int(len(data_list) * 0.9)
+        return data_list[:split_idx], data_list[split_idx:]
+    finally:
+        random.setstate(state)
+
+
+@pytest.mark.parametrize("n", [52, 96, 2407])
+def test_the_split_is_the_seed_tutorials_rows_for_rows(tmp_path, tiny_dir, n):
+    """Same rows in train and in val as the tutorial's ``random.seed(42); random.shuffle; int(n * 0.9)``,
+    so a medsft val_loss can stand beside the seed's curves (2,407 is about the real dataset's size)."""
+    rows = make_rows(n)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    seed_train, seed_val = seed_tutorial_split(data)
+    dm = MedicalDataModule(dataset=str(data), tokenizer=str(tiny_dir), cache_dir=str(tmp_path / "cache"))
+    train, val = dm.split_rows()
+    questions = [r["question"] for r in rows]
+    assert sorted(r["question"] for r in val.rows) == sorted(r["question"] for r in seed_val)
+    assert sorted(r["question"] for r in train.rows) == sorted(r["question"] for r in seed_train)
+    assert len(val.rows) == n - int(n * 0.9)
+    # Each row still carries its own file:line.
+    assert all(w == f"{data}:{questions.index(r['question']) + 1}" for r, w in zip(val.rows, val.where))
+
+
 def test_validation_is_sharded_across_ranks_with_equal_batch_counts():
     """Rank r of 2 validates rows r, r+2, …; the shorter shard is padded with rows that supervise nothing."""
     from medsft_lightning.data.datamodule import EncodedDataset

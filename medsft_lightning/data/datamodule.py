@@ -58,8 +58,10 @@ class MedicalDataModule(L.LightningDataModule):
             (``configuration.json``, ``dataset_infos.json``, …: ``sources.HUB_METADATA_FILES``). Hidden files
             and folders (hub cache state) are never read; a dataset given as a file is read as given.
         val_dataset: an explicit validation file/folder/id; replaces the random split when set.
-        val_fraction: share of ``dataset`` held out for validation when no ``val_dataset`` is given.
-        split_seed: seed of the train/validation split.
+        val_fraction: share of ``dataset`` held out for validation when no ``val_dataset`` is given; the
+            seed tutorial's rule: after a seeded shuffle the first ``int(n * (1 - val_fraction))`` rows train.
+        split_seed: seed of the train/validation split (``random.Random(split_seed).shuffle``, as the seed's
+            ``random.seed(42); random.shuffle(rows)``).
         tokenizer: the tokenizer's model id or folder (linked to ``model.model_name_or_path``).
         tokenizer_revision: hub revision of ``tokenizer`` (linked to ``model.model_revision``).
         system_prompt: system turn of every conversation (``""`` for none).

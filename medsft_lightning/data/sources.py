@@ -244,13 +244,28 @@ def read_rows(files: Sequence[Path], skip_bad: bool = False) -> Rows:
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic shuffled split; validation gets ``round(n * val_fraction)`` rows (at least 1)."""
+    """The seed tutorial's split, as ``(train, val)`` row indices in file order.
+
+    The tutorial (Qwen3-Medical-SFT) does ``random.seed(42); random.shuffle(rows); cut = int(len(rows) * 0.9)``
+    and trains on ``rows[:cut]``, validating on ``rows[cut:]``. A shuffle's permutation depends only on the
+    seed and the number of rows, so shuffling the indices gives the same rows on each side, for any ``n``:
+
+    >>> import random
+    >>> rows = list("abcdefghijklm")
+    >>> random.seed(42); random.shuffle(rows); cut = int(len(rows) * 0.9)
+    >>> train, val = split_indices(13, 0.1, 42)
+    >>> sorted(rows[cut:]) == ["abcdefghijklm"[i] for i in val]
+    True
+    """
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise DataError(f"cannot split {n} row(s) with val_fraction={val_fraction}: nothing left to train on")
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    cut = int(n * (1 - val_fraction))
+    if cut < 1 or cut >= n:
+        raise DataError(f"cannot split {n} row(s) with val_fraction={val_fraction}: the seed's rule "
+                        f"(int({n} × {1 - val_fraction:g}) = {cut} training rows) leaves "
+                        f"{'nothing to train on' if cut < 1 else 'no validation row'}; add rows or set "
+                        "data.val_dataset")
+    return sorted(order[:cut]), sorted(order[cut:])
 
 
 def fingerprint(rows: Sequence[dict]) -> str:
