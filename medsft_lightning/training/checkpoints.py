@@ -4,7 +4,8 @@ A single ``.ckpt`` file is written aside and renamed into place (:class:`AtomicC
 checkpoint folder (FSDP2's ``ModelParallelStrategy``: one shard file per rank plus Lightning's ``meta.pt``)
 is swapped in whole (:func:`swap_in_folder`, used by ``sharding.AtomicModelParallelStrategy``). Every file a
 user hands us is read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint_file`), so it cannot run
-code; a sharded folder's weights are gathered in one process (:func:`read_sharded_checkpoint`).
+code; a sharded folder's ``.metadata`` (a plain pickle in torch's format) is read admitting only torch's metadata
+classes (``training/safe_dcp.py``), and its weights are gathered in one process (:func:`read_sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from medsft_lightning.training.safe_dcp import (
+    SafeEmptyStateDictPlanner,
+    SafeFileSystemReader,
+    UnsafeCheckpointError,
+    check_sharded_checkpoint,
+)
 
 META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load)
 
@@ -44,10 +52,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync(target.parent)  # the rename itself survives a power cut
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file that holds more than tensors and plain values: refused, since loading it could run code."""
-
-
 def load_checkpoint_file(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     """``torch.load`` a checkpoint a user handed us: ``weights_only=True`` (only tensors and plain Python values
     are unpickled, so a crafted file cannot run code) and memory-mapped (a 10 GB checkpoint with its AdamW states
@@ -70,6 +74,8 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     not read.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        check_sharded_checkpoint(path)  # before anyone (Lightning's resume: torch's own reader) reads the shards
     return load_checkpoint_file(path / META_FILE if path.is_dir() else path)
 
 
@@ -82,15 +88,15 @@ def read_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
     """A sharded checkpoint's full weights (``state_dict``) and Lightning's metadata, in one process.
 
     No process group is needed; the optimizer shards are not read. The whole model must fit in CPU memory.
+    The folder is read without running code from it (``training/safe_dcp.py``).
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     folder = Path(folder)
+    check_sharded_checkpoint(folder)  # one clear error (torch would wrap the safe reader's in a CheckpointException)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(folder),
-                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    _load_state_dict(state, storage_reader=SafeFileSystemReader(folder),
+                     planner=SafeEmptyStateDictPlanner(keys={"state_dict"}), no_dist=True)
     meta = load_checkpoint_file(folder / META_FILE)
     return {**meta, "state_dict": state["state_dict"]}
 

@@ -35,6 +35,7 @@ from medsft_lightning.training.checkpoints import (
     swap_in_folder,
 )
 from medsft_lightning.training.loss import lm_loss
+from medsft_lightning.training.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, check_sharded_checkpoint
 
 
 class LossRoot(nn.Module):
@@ -90,6 +91,14 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     (``save_distributed_checkpoint: false``) go unchanged through the CheckpointIO, atomic already.
     """
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load (torch's own reader: ``.metadata`` through plain pickle), once the folder has been
+        checked to run no code (:func:`~medsft_lightning.training.safe_dcp.check_sharded_checkpoint`)."""
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            check_sharded_checkpoint(path)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -142,8 +151,11 @@ def load_sharded_weights(module: nn.Module, path: str | Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     if is_sharded_checkpoint(path):
+        check_sharded_checkpoint(path)
         state = {"state_dict": get_model_state_dict(module)}
-        dcp.load(state, checkpoint_id=Path(path))  # each rank reads its own shards
+        # each rank reads its own shards; torch's reader and planner would unpickle .metadata and non-tensor
+        # entries without restriction
+        dcp.load(state, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner())
         set_model_state_dict(module, state["state_dict"])  # strict: a missing key fails
         return
     full = load_checkpoint_file(path)["state_dict"]
