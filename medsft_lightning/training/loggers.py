@@ -8,7 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import rank_zero_info
 from swanlab.integration.pytorch_lightning import SwanLabLogger
 
-SECRET_HINTS = ("api_key", "apikey", "token", "secret", "password")
+from medsft_lightning.hub.secrets import is_secret_name
 
 
 def swanlab_key_available() -> bool:
@@ -31,10 +31,11 @@ def resolve_mode(mode: str) -> str:
 
 
 def scrub(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop keys that look like secrets, at any depth."""
+    """Drop the keys that name a credential (``api_key``, ``hf_token``, ``password``, …: ``hub.secrets``), at any
+    depth; every other setting, ``max_new_tokens`` and ``tokenizer`` included, reaches SwanLab."""
     clean: dict[str, Any] = {}
     for key, value in params.items():
-        if any(hint in str(key).lower() for hint in SECRET_HINTS):
+        if is_secret_name(str(key)):
             continue
         clean[key] = scrub(value) if isinstance(value, dict) else value
     return clean
