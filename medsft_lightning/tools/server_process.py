@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,19 @@ def start_server(cmd: list[str], env: dict | None = None, stdout=None, stderr=No
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def relay_output(proc: subprocess.Popen, sink, redact) -> threading.Thread:
+    """Copy ``proc``'s output (started with ``stdout=PIPE``) to ``sink`` line by line through ``redact`` (a
+    ``str -> str`` that masks secrets), in a daemon thread; join it after the process ended to flush the rest."""
+    def copy() -> None:
+        for line in iter(proc.stdout.readline, b""):
+            sink.write(redact(line.decode("utf-8", errors="replace")))
+            sink.flush()
+
+    thread = threading.Thread(target=copy, name="vllm-output", daemon=True)
+    thread.start()
+    return thread
 
 
 def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
