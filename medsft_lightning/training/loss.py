@@ -85,7 +85,7 @@ def _chunk_loop(buffers: _ChunkBuffers, hidden, weight, targets, chunk_size: int
         grad = logits.div_(total)  # d(sum CE)/d(logits) = softmax - one_hot, in fp32
         grad[rows, t] -= 1.0
         grad_lp = buffers.in_weight_dtype(grad)
-        grad_h[start : start + chunk_size] = grad_lp @ weight
+        torch.mm(grad_lp, weight, out=grad_h[start : start + chunk_size])  # no [chunk, hidden] temporary
         if grad_w is not None:
             buffers.add_weight_grad(grad_w, grad_lp, h)
     return loss
