@@ -20,7 +20,7 @@ MEDSFT = str(Path(sys.executable).parent / "medsft")  # the console script: DDP 
 
 def fit(work: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
+    data = write_jsonl(work / "rows.jsonl", make_rows(25, answer_words=6))  # 22 train rows (int(25 * 0.9))
     config = write_config(work, data, {"log": str(work / "batches.jsonl")})
     return subprocess.run([MEDSFT, "fit", "--config", str(config), *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)

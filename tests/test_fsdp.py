@@ -146,7 +146,7 @@ def test_fsdp2_loss_and_gradients_equal_one_process(tmp_path, tiny_dir):
 # -- end to end: medsft fit with 2 FSDP2 processes ---------------------------------------------------------
 def fit(work: Path, env: dict, log: str, kill_at_step: int = 0, *extra: str) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
+    data = write_jsonl(work / "rows.jsonl", make_rows(25, answer_words=6))  # 22 train rows (int(25 * 0.9))
     config = write_config(work, data, {"log": str(work / log), "kill_at_step": kill_at_step})
     generating = ["--samples.num_samples", "2", "--samples.generation.max_new_tokens", "8", "--gen_metrics.num_rows",
                   "3", "--gen_metrics.batch_size", "2", "--gen_metrics.generation.max_new_tokens", "8",

@@ -105,7 +105,7 @@ def test_swap_killed_between_renames_then_the_next_save_recovers(tmp_path, monke
 # -- end to end: 2 FSDP2 processes of medsft fit killed inside the swap, then resumed -----------------------------
 def fit(work: Path, env: dict, kill_at_step: int, batch_size: str, *extra: str) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
+    data = write_jsonl(work / "rows.jsonl", make_rows(25, answer_words=6))  # 22 train rows (int(25 * 0.9))
     log = "killed.jsonl" if kill_at_step else "batches.jsonl" if "--ckpt_path" not in extra else "resumed.jsonl"
     config = write_config(work, data, {"log": str(work / log)})
     cfg = yaml.safe_load(config.read_text())
