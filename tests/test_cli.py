@@ -18,6 +18,15 @@ pytestmark = pytest.mark.e2e  # the real console script in subprocesses
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
 FAKE_KEY = "sk-medsft-test-0123456789abcdef"
+PLANTED = {"SWANLAB_API_KEY": FAKE_KEY, "HF_TOKEN": "hf_planted_0001", "MODELSCOPE_API_TOKEN": "ms-planted-0002",
+           "OPENAI_API_KEY": "sk-planted-0004", "VLLM_API_KEY": "sk-vllm-planted-0005"}
+
+
+def assert_no_secret(text: str | bytes, where: object) -> None:
+    """None of the secrets planted in the environment appears in ``text``."""
+    for name, secret in PLANTED.items():
+        found = secret.encode() in text if isinstance(text, bytes) else secret in text
+        assert not found, f"{name}'s value in {where}"
 
 
 def medsft(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -27,10 +36,11 @@ def medsft(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subproc
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, cache_root):
-    """One short demo-config fit on 24 rows, SwanLab offline with a fake API key in the environment."""
+    """One short demo-config fit on 24 rows, SwanLab offline, secrets planted in the environment (SwanLab's key,
+    hub tokens, OpenAI/vLLM keys)."""
     work = tmp_path_factory.mktemp("cli")
     data = write_jsonl(work / "rows.jsonl", make_rows(24, answer_words=6))
-    env = offline_env(cache_root, SWANLAB_MODE="offline", SWANLAB_API_KEY=FAKE_KEY)
+    env = offline_env(cache_root, SWANLAB_MODE="offline", **PLANTED)
     proc = medsft(["fit", "--config", DEMO, "--data.dataset", str(data), "--trainer.max_epochs", "2",
                    "--data.max_length", "128"], cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,13 +77,13 @@ def test_validate_from_checkpoint_reproduces_the_best_val_loss(fitted):
     assert float(printed.group(1)) == pytest.approx(best, abs=1e-4)
 
 
-def test_api_key_never_lands_in_run_files(fitted):
+def test_secrets_never_land_in_output_or_run_files(fitted):
     work, _, proc = fitted
-    assert FAKE_KEY not in proc.stdout + proc.stderr
+    assert_no_secret(proc.stdout + proc.stderr, "fit's output")
     files = [p for p in (work / "runs").rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:
-        assert FAKE_KEY.encode() not in path.read_bytes(), path
+        assert_no_secret(path.read_bytes(), path)
 
 
 def test_config_errors_are_listed_without_traceback(tmp_path, cache_root):
@@ -168,3 +178,6 @@ def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
     # The flag wins over the hyperparameters saved in the checkpoint (LightningCLI alone would apply those).
     assert all(a["num_generated_tokens"] <= 4 for a in answers), [a["num_generated_tokens"] for a in answers]
     assert "[ckpt] model.generation:" in proc.stdout + proc.stderr
+    assert_no_secret(proc.stdout + proc.stderr, "predict's output")
+    for path in tmp_path.iterdir():
+        assert_no_secret(path.read_bytes(), path)

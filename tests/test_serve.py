@@ -199,11 +199,15 @@ def test_serve_demo_export(demo_run, vllm_python, cache_root, tmp_path):
     from openai import OpenAI
 
     port, out, err = free_port(), tmp_path / "serve.out", tmp_path / "serve.err"
-    env = offline_env(cache_root, MEDSFT_VLLM_PYTHON=vllm_python)
+    from tests.test_serve_secrets import PLANTED
+
+    key = "sk-vllm-planted-0005"  # given after --, as docs/serving.md shows; and secrets in the environment
+    env = offline_env(cache_root, MEDSFT_VLLM_PYTHON=vllm_python, **PLANTED)
     start = time.monotonic()
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "medsft_lightning.cli", "serve", str(demo_run), "--port",
-                                 str(port)], stdout=stdout, stderr=stderr, env=env, cwd=tmp_path)
+                                 str(port), "--", "--api-key", key], stdout=stdout, stderr=stderr, env=env,
+                                cwd=tmp_path)
     vllm_pid = None
     try:
         answers, prompts, tokenizer, model = reference(demo_run / "hf_model")  # while vLLM starts
@@ -221,7 +225,8 @@ def test_serve_demo_export(demo_run, vllm_python, cache_root, tmp_path):
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in printed
         assert 'extra_body={"chat_template_kwargs": {"enable_thinking": False}}' in printed
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", timeout=120)
+        assert command.endswith("--api-key ***")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=120)
         greedy = {"model": "demo", "max_tokens": MAX_TOKENS, "temperature": 0}
         identical = 0
         for question, prompt, answer in zip(QUESTIONS, prompts, answers):
@@ -271,6 +276,10 @@ def test_serve_demo_export(demo_run, vllm_python, cache_root, tmp_path):
             assert s.connect_ex(("127.0.0.1", port)) != 0  # the port is closed
         assert live_members(vllm_pid) == []  # vLLM's API server, engine core and workers are gone
         assert "[serve] vLLM stopped (exit code 0)" in err.read_text()
+        logged = out.read_text() + err.read_text()
+        assert "non-default args" in logged  # vLLM logged its arguments, the key among them: masked
+        for secret in [key, *PLANTED.values()]:
+            assert secret not in logged
     finally:
         if proc.poll() is None:
             proc.kill()
