@@ -169,9 +169,9 @@ def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
     ckpt = work / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt"
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question": "发热怎么办？"}, {"id": "b", "question": "Cough?"}])
     out = tmp_path / "answers.jsonl"
-    proc = medsft(["predict", "--config", DEMO, "--ckpt_path", str(ckpt), "--data.predict_dataset", str(questions),
-                   "--predict_writer.output_path", str(out), "--model.generation.max_new_tokens", "4",
-                   "--trainer.logger", "false"], cwd=work, env=env)
+    flags = ["--data.predict_dataset", str(questions), "--predict_writer.output_path", str(out),
+             "--model.generation.max_new_tokens", "4", "--trainer.logger", "false"]
+    proc = medsft(["predict", "--config", DEMO, "--ckpt_path", str(ckpt), *flags], cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [a["id"] for a in answers] == [0, "b"]
@@ -181,3 +181,10 @@ def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
     assert_no_secret(proc.stdout + proc.stderr, "predict's output")
     for path in tmp_path.iterdir():
         assert_no_secret(path.read_bytes(), path)
+    # Another checkpoint's answers do not go into the same file: one line, the file as it was.
+    proc = medsft(["predict", "--config", DEMO, "--ckpt_path", str(ckpt.with_name("last.ckpt")), *flags], cwd=work,
+                  env=env)
+    assert proc.returncode == 1
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == answers
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"medsft: error: {out} holds 2 answer(s) of another run") and "model.checkpoint" in last

@@ -181,8 +181,10 @@ class MedicalDataModule(L.LightningDataModule):
         return train, val
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict":
-            self.predict_rows = self._question_rows()
+        if stage == "predict":  # each row with its prompt ids (the answers file's record keeps their digests)
+            rows = self._question_rows()
+            prompts = build_prompts(rows, self.load_tokenizer(), self.hparams.system_prompt) if rows else []
+            self.predict_rows = [{**r, "prompt_ids": p} for r, p in zip(rows, prompts)]
             return
         if self.train_set is not None:
             return
@@ -276,8 +278,7 @@ class MedicalDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Rows not answered yet, in batches of similar prompt length (less left padding)."""
         todo = [r for r in self.predict_rows if r["id"] not in self.predict_skip_ids]
-        prompts = build_prompts(todo, self.load_tokenizer(), self.hparams.system_prompt) if todo else []
-        items = sorted(({**r, "prompt_ids": p} for r, p in zip(todo, prompts)), key=lambda r: len(r["prompt_ids"]))
+        items = sorted(todo, key=lambda r: len(r["prompt_ids"]))
         if self.trainer is not None and self.trainer.world_size > 1:  # each process answers every N-th row
             items = items[self.trainer.global_rank :: self.trainer.world_size]
         return DataLoader(items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
