@@ -188,3 +188,4 @@ def test_predict_from_a_lightning_checkpoint(fitted, tmp_path):
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == answers
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"medsft: error: {out} holds 2 answer(s) of another run") and "model.checkpoint" in last
+    assert "Traceback" not in proc.stderr

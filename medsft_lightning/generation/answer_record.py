@@ -172,8 +172,9 @@ def _key(qid) -> str:
 
 
 def _short(value) -> str:
+    """A value for the one-line message: JSON, its middle left out past 100 characters (a path keeps its end)."""
     text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 48 else text[:45] + "..."
+    return text if len(text) <= 100 else text[:40] + "..." + text[-57:]
 
 
 def differences(old: Mapping, new: Mapping, answered: Iterable) -> list[str]:
