@@ -130,7 +130,7 @@ class AnswerWriter(BasePredictionWriter):
         path = record_path(self.output_path)
         if self._answered:
             try:
-                changed = differences(read_record(path), record, self._answered)
+                changed = differences(read_record(path) or {}, record, self._answered)
             except ValueError as err:
                 changed = [str(err)]
             if changed:
