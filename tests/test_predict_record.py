@@ -173,6 +173,10 @@ def test_a_killed_run_resumes_exactly_with_the_same_model(answered, tiny_dir, tm
         predict(tiny_dir, questions, out)
     assert "already holds 1 answer(s) of this model, decoding settings and questions" in caplog.text
     assert out.read_bytes() == full.read_bytes()  # the uninterrupted run's answers, byte for byte
+    more = write_jsonl(tmp_path / "more.jsonl", QUESTIONS[:4])  # a question added to the file: only it is answered
+    predict(tiny_dir, more, out)
+    assert out.read_text(encoding="utf-8").startswith(full.read_text(encoding="utf-8"))
+    assert [a["id"] for a in read_answers(out)] == ["q00", "q01", "q02", "q03"]
 
 
 def test_another_model_is_refused(answered, retrained_dir, tmp_path):
