@@ -219,3 +219,22 @@ def test_predict_vllm_resumes_after_sigkill(tmp_path, tiny_dir, cache_root, ques
     lines = read_lines(out)
     assert [a["id"] for a in lines] == [q["id"] for q in QUESTIONS]  # exactly 13, none twice, input order
     assert lines == default_engine_answers
+
+
+@pytest.mark.e2e
+def test_vllm_does_not_resume_the_default_engines_answers(tmp_path, tiny_dir, cache_root, vllm_python):
+    """The engines draw samples differently: a file of the default engine's answers is not vLLM's to finish. The
+    refusal comes before vLLM starts."""
+    questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS[:2])
+    out, env = tmp_path / "answers.jsonl", offline_env(cache_root)
+    proc = subprocess.run(predict_cmd(tiny_dir, questions, out) + GREEDY, cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = out.read_bytes()
+    proc = subprocess.run(vllm_cmd(tiny_dir, questions, out, vllm_python, 4), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and out.read_bytes() == before
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'medsft: error: {out} holds 2 answer(s) of another run (decoding.engine "hf" then, '
+                           '"vllm" now)') and "Traceback" not in proc.stderr
+    assert "starting vLLM" not in proc.stderr
