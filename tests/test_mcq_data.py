@@ -107,7 +107,7 @@ def test_splits_subjects_and_zip_archives(tmp_path):
         assert any("left out 6 file(s) of other splits" in n for n in got.notes)
         assert any("left out 2 of 1 other subject(s) (law); --subjects all keeps them" in n for n in got.notes)
     assert len(load_benchmark(str(root), subjects="all").questions) == 6
-    assert {q["id"] for q in load_benchmark(str(root), split="dev").questions} >= {"physician/0"}
+    assert {q["id"] for q in load_benchmark(str(root), split="dev").questions} >= {"dev/physician_dev/0"}
     with pytest.raises(DataError, match=r"_test.csv:2: answer: empty"):
         load_benchmark(str(root), split="test")
 

@@ -184,7 +184,7 @@ def _read_file(name: str, label: str, path: Path, layout: str | None, out: McqSe
         seen.add(row_id)
         if question["subject"] is None and kind in ("ceval", "cmmlu"):
             question["subject"] = _subject_from_name(name)
-        question_id = f"{_subject_from_name(name)}/{row_id}" if several else row_id
+        question_id = f"{name.rsplit('.', 1)[0]}/{row_id}" if several else row_id  # unique across the files
         out.questions.append({"id": question_id, **question, "benchmark": out.name, "where": where})
     return problems
 

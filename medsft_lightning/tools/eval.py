@@ -113,7 +113,7 @@ def resolve(args: argparse.Namespace) -> tuple[list[Side], Path | None, Path, Se
         raise EvalError("give MODEL (an exported hf_model folder, a .ckpt, a hub id), --run RUN or --endpoint URL")
     sides = [Side("tuned", args.endpoint or tuned, "--endpoint" if args.endpoint else "MODEL",
                   served_model=args.served_model)]
-    base = args.base_endpoint or args.base or (model.get("model_name_or_path") if args.run else None)
+    base = args.base_endpoint or args.base or model.get("model_name_or_path")
     if base:
         sides.insert(0, Side("base", base, "--base_endpoint" if args.base_endpoint else "--base",
                              None if args.base else model.get("model_revision"), args.base_served_model))

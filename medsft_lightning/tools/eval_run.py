@@ -10,6 +10,7 @@ import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -89,6 +90,9 @@ def _replier(side: Side, settings: Settings, loaded, closing: list):
         from medsft_lightning.tools.vllm_env import vllm_python
 
         path = hub.resolve_model(side.name, revision=side.revision, cache_dir=settings.cache_dir)
+        if not Path(path).is_dir():
+            raise ValueError(f"{side.flag}={side.name!r}: --engine vllm loads a Hugging Face model folder; export the "
+                             "checkpoint first (medsft export CKPT OUT_DIR)")
         engine = VllmEngine(vllm_python(settings.vllm_python), path, "float32" if settings.device == "cpu"
                             else "bfloat16", settings.generation.seed)
         closing.append(engine)
@@ -179,7 +183,7 @@ def summarize(models: dict, benchmarks: Sequence[McqSet], settings: Settings, an
         "settings": {"scorers": list(settings.scorers), "system_prompt": settings.system_prompt,
                      "max_think_tokens": settings.max_think_tokens, "max_answer_tokens": settings.max_answer_tokens,
                      "think_checks": settings.think_checks, "engine": settings.engine,
-                     "decoding": asdict(settings.generation)},
+                     "decoding": {k: v for k, v in asdict(settings.generation).items() if k != "max_new_tokens"}},
         "accuracy": accuracy_rows(answers),
         "paired": paired_rows(answers, seed=settings.generation.seed),
         "unparseable": unparseable(answers),
