@@ -75,3 +75,19 @@ def test_preview_shows_a_non_thinking_row(tmp_path, tiny_dir, capsys):
     assert "== a non-thinking training row (data.no_think_share=0.3: 3 of 10 rows;" in out
     shown = out.split("== a non-thinking training row")[1]
     assert "/no_think<|im_end|>" in shown and "[train]<think>\n\n</think>\n\nRest Rest Rest" in shown
+
+
+def test_eval_prompts_for_each_thinking_mode(tokenizer):
+    """``medsft eval``'s prompts: thinking on opens the assistant turn; ``enable_thinking=False`` pre-fills the empty
+    think block (as the loglik scorer's prompt does); ``/no_think`` ends the user turn of a thinking prompt."""
+    from medsft_lightning.data.benchmarks import MCQ_SAMPLE, load_benchmark
+    from medsft_lightning.data.mcq_prompt import render
+
+    question = load_benchmark(MCQ_SAMPLE).questions[:1]
+    think, flag, switch = (render(tokenizer, question, "generate", SYSTEM, mode)[0]
+                           for mode in ("think", "no_think_flag", "no_think_switch"))
+    (loglik,) = render(tokenizer, question, "loglik", SYSTEM)
+    assert think.endswith("答案：B”。<|im_end|>\n<|im_start|>assistant\n")
+    assert flag == think + "<think>\n\n</think>\n\n"
+    assert loglik.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert switch == think.replace("<|im_end|>\n<|im_start|>assistant", " /no_think<|im_end|>\n<|im_start|>assistant")

@@ -56,17 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--split", help="the split to read where file names carry one (default: the benchmark's evaluation split)")
     add("--subjects", default="medical", help="'medical' (C-Eval's and CMMLU's medical subjects), 'all', or "
                                               "comma-separated subject names")
-    add("--scorer", choices=["loglik", "generate", "both"], default="both")
+    add("--scorer", choices=["loglik", "generate", "both"], default="both",
+        help="loglik: each option's log-likelihood without thinking (acc, acc_norm); generate: thinking on, the "
+             "letters read after </think> (and the thinking-mode checks); both (default)")
     add("--output_dir", help="where the files go (default: RUN/eval, else ./eval)")
     add("--limit", type=int, help="score only the first N questions of each SOURCE")
-    add("--think_checks", type=int, default=24, help="questions (the first N) for the thinking-mode checks; 0: none")
+    add("--think_checks", type=int, default=16, help="questions for the thinking-mode checks (the first N, taken in "
+                                                     "turn from each SOURCE); 0: none")
     add("--max_think_tokens", type=int, default=1024, help="thinking budget; then </think> is forced")
     add("--max_answer_tokens", type=int, default=256, help="tokens for the answer after the think")
     add("--batch_size", type=int, default=8, help="sequences per forward pass / prompts generated together")
     add("--greedy", action="store_true", help="decode greedily (default: the model's sampling settings)")
-    add("--temperature", type=float)
-    add("--top_p", type=float)
-    add("--top_k", type=int)
+    add("--temperature", type=float, help="default: the model's generation config, else Qwen3's 0.6")
+    add("--top_p", type=float, help="default: the model's generation config, else Qwen3's 0.95")
+    add("--top_k", type=int, help="default: the model's generation config, else Qwen3's 20")
     add("--seed", type=int, default=0, help="sampling seed and the bootstrap's")
     add("--system_prompt", help="system turn (default: the run's data.system_prompt, else medsft's; '' for none)")
     add("--engine", choices=["hf", "vllm"], default="hf", help="generate here (hf) or with vLLM's offline engine")

@@ -10,6 +10,7 @@ import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -123,6 +124,9 @@ def evaluate_model(side: Side, benchmarks: Sequence[McqSet], settings: Settings)
         if loglik:
             answers += _loglik(side, benchmarks, settings, loaded, info)
         if generate:
+            if settings.engine == "vllm" and loaded is not None:  # vLLM takes its share of the device: free ours
+                loaded = None
+                _release_memory()
             replier = _replier(side, settings, loaded, closing)
             replies = []
             for bench in benchmarks:
@@ -135,11 +139,16 @@ def evaluate_model(side: Side, benchmarks: Sequence[McqSet], settings: Settings)
     finally:
         for engine in closing:
             engine.close()
-        del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        loaded = None
+        _release_memory()
     return answers, thinking, info
+
+
+def _release_memory() -> None:
+    """Collect what a model just let go held, and give the device's cached memory back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _loglik(side: Side, benchmarks: Sequence[McqSet], settings: Settings, loaded, info: dict) -> list[dict]:
@@ -156,13 +165,18 @@ def _loglik(side: Side, benchmarks: Sequence[McqSet], settings: Settings, loaded
 
 
 def _thinking(side: Side, benchmarks: Sequence[McqSet], settings: Settings, replier, replies: list) -> list[dict]:
-    """The thinking-mode replies of the first ``think_checks`` questions: thinking on (the generate scorer's own
-    replies), ``enable_thinking=False`` and ``/no_think``."""
-    questions = [q for bench in benchmarks for q in bench.questions][: settings.think_checks]
-    if not questions:
+    """The thinking-mode replies of ``think_checks`` questions, taken in turn from each benchmark: thinking on (the
+    generate scorer's own replies), ``enable_thinking=False`` and ``/no_think``."""
+    indexed, start = [], 0
+    for bench in benchmarks:
+        indexed.append([(start + i, q) for i, q in enumerate(bench.questions)])
+        start += len(bench.questions)
+    chosen = [pair for group in zip_longest(*indexed) for pair in group if pair is not None][: settings.think_checks]
+    if not chosen:
         return []
+    questions = [q for _, q in chosen]
     logger.info("[eval] %s: thinking-mode checks on %d questions", side.key, len(questions))
-    by_mode = {"think": replies[: len(questions)],
+    by_mode = {"think": [replies[i] for i, _ in chosen],
                "no_think_flag": replier.reply(questions, "no_think_flag", settings.system_prompt),
                "no_think_switch": replier.reply(questions, "no_think_switch", settings.system_prompt)}
     return [{"model": side.key, "mode": mode, "benchmark": q["benchmark"], "id": q["id"], "raw": r["raw"],
