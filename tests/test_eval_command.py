@@ -130,3 +130,19 @@ def test_a_bad_questions_file_is_one_error_line(tmp_path, cache_root):
     assert proc.stderr.strip().splitlines()[-1] == (f"medsft eval: error: {bad}:1: answer: C is not among the "
                                                     "options AB")
     assert "Traceback" not in proc.stderr
+
+
+def test_the_figures_reach_swanlab_and_a_swanlab_failure_only_warns(run, tmp_path, monkeypatch, caplog):
+    summary = json.loads((run / "eval" / "summary.json").read_text(encoding="utf-8"))
+    figures = eval_io.swanlab_figures(summary)
+    tuned = next(r for r in summary["accuracy"] if r["model"] == "tuned" and r["scorer"] == "loglik"
+                 and r["metric"] == "acc" and r["subject"] == "(all)")
+    assert figures["eval/tuned/mcq-sample/loglik_acc"] == tuned["acc"]
+    assert "thinking/base/no_think_switch/pass" in figures and "eval/tuned-base/mcq-sample/generate_acc" in figures
+    monkeypatch.delenv("SWANLAB_MODE", raising=False)
+    assert eval_io.log_swanlab(summary, "local", "medsft", tmp_path, "eval-test") == "local"
+    (record,) = (tmp_path / "swanlog").glob("run-*/run-*.swanlab")
+    assert b"eval/tuned/mcq-sample/loglik_acc" in record.read_bytes()  # SwanLab's own run file holds the keys
+    monkeypatch.setenv("SWANLAB_MODE", "nonsense")  # SwanLab itself refuses it
+    assert eval_io.log_swanlab(summary, "local", "medsft", tmp_path, "eval-test") == "failed"
+    assert "the files in" in caplog.text

@@ -85,12 +85,17 @@ def log_swanlab(summary: dict, mode: str, project: str, out: Path, name: str) ->
         return mode
     import swanlab
 
-    swanlab.init(project=project, name=name, mode=mode, log_dir=str(out / "swanlog"),
-                 config={"models": summary["models"], "settings": summary["settings"]})
-    try:
-        swanlab.log(swanlab_figures(summary))
-    finally:
-        swanlab.finish()
+    try:  # the files are written already: a SwanLab problem (no network, a bad SWANLAB_* variable) only warns
+        swanlab.init(project=project, name=name, mode=mode, log_dir=str(out / "swanlog"),
+                     config={"models": summary["models"], "settings": summary["settings"]})
+        try:
+            swanlab.log(swanlab_figures(summary))
+        finally:
+            swanlab.finish()
+    except Exception as err:
+        logger.warning("[eval] SwanLab (%s) failed, nothing logged there (%s: %s); the files in %s hold every figure",
+                       mode, type(err).__name__, " ".join(str(err).split())[:300], out)
+        return "failed"
     logger.info("[eval] SwanLab (%s): project %s, run %s", mode, project, name)
     return mode
 
