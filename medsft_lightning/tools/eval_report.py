@@ -4,7 +4,8 @@ The same ``section#eval`` (its CSS inside it) goes into ``medsft eval``'s own ``
 ``medsft compare``'s report of the same run (``extra_html`` of :func:`~medsft_lightning.tools.report.render_html`).
 No script, no link, every text escaped, as the compare report. Stable hooks: ``table#eval-accuracy`` (each
 accuracy a ``td`` with ``data-model``, ``data-scorer``, ``data-metric``, ``data-benchmark``, ``data-subject`` and
-the exact ``data-value``; the paired difference ``data-paired``), ``p#eval-unparseable`` and
+the exact ``data-value``; the paired difference ``data-paired``), ``table#eval-subjects`` (folded),
+``p#eval-unparseable`` and
 ``table#thinking-modes`` (``data-mode``, ``data-check``, ``data-model``).
 """
 
@@ -22,7 +23,8 @@ CSS = """
 #eval table{border-collapse:collapse;background:#fff;width:100%;margin:6px 0 14px}
 #eval th,#eval td{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top;font-size:13px}
 #eval th[scope=row],#eval thead th:first-child{text-align:left}#eval .ci{color:#777;font-size:11px}
-#eval .sub{color:#555}#eval tr.subject th{font-weight:400;padding-left:22px}
+#eval .sub{color:#555}#eval details{margin:0 0 14px}#eval tr.mode th{background:#eef2f7;text-align:left}
+#thinking-modes th[scope=row]{font-weight:400;padding-left:18px}
 """
 
 
@@ -48,24 +50,29 @@ def _paired_cell(row: dict | None) -> str:
             f'{row["wins"]} better, {row["losses"]} worse{p}</span></td>')
 
 
-def accuracy_table(summary: dict) -> str:
-    """``table#eval-accuracy``: per scorer, benchmark and subject the two models, chance and tuned − base."""
+def accuracy_table(summary: dict, subjects: bool = False) -> str:
+    """``table#eval-accuracy``: per scorer and benchmark the models, chance and tuned − base; ``subjects``:
+    ``table#eval-subjects``, the same per subject (for benchmarks with several), without the paired column."""
     acc = {(r["model"], r["scorer"], r["metric"], r["benchmark"], r["subject"]): r for r in summary["accuracy"]}
     paired = {(r["scorer"], r["metric"], r["benchmark"]): r for r in summary["paired"]}
-    keys = list(dict.fromkeys((r["scorer"], r["metric"], r["benchmark"], r["subject"]) for r in summary["accuracy"]))
+    keys = list(dict.fromkeys((r["scorer"], r["metric"], r["benchmark"], r["subject"]) for r in summary["accuracy"]
+                              if (r["subject"] != ALL) == subjects))
+    models = [m for m in MODELS if m in summary["models"]]
     rows = []
     for scorer, metric, benchmark, subject in keys:
-        cells = [acc.get((m, scorer, metric, benchmark, subject)) for m in MODELS]
+        cells = [acc.get((m, scorer, metric, benchmark, subject)) for m in models]
         known = next(c for c in cells if c is not None)
-        label = html.escape(benchmark if subject == ALL else subject)
-        rows.append(f'<tr class="{"subject" if subject != ALL else "benchmark"}"><th scope="row">{label}</th>'
-                    f'<td>{html.escape(SCORER_LABELS[(scorer, metric)])}</td>{"".join(map(_accuracy_cell, cells))}'
-                    f'<td data-chance="{known["chance"]!r}">{_pct(known["chance"])}</td>'
-                    f'{_paired_cell(paired.get((scorer, metric, benchmark)) if subject == ALL else None)}</tr>')
-    heads = "".join(f"<th>{label}<div class='sub'>{html.escape(summary['models'][k]['name'])}</div></th>"
-                    for k, label in MODELS.items() if k in summary["models"])
-    return (f'<table id="eval-accuracy"><thead><tr><th>benchmark / subject</th><th>scorer</th>{heads}<th>chance</th>'
-            f'<th>fine-tuned − base (paired, 95% CI)</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        label = html.escape(f"{benchmark}: {subject}" if subjects else benchmark)
+        rows.append(f'<tr><th scope="row">{label}</th><td>{html.escape(SCORER_LABELS[(scorer, metric)])}</td>'
+                    f'{"".join(map(_accuracy_cell, cells))}<td data-chance="{known["chance"]!r}">'
+                    f'{_pct(known["chance"])}</td>'
+                    f'{"" if subjects else _paired_cell(paired.get((scorer, metric, benchmark)))}</tr>')
+    heads = "".join(f"<th>{MODELS[k]}<div class='sub'>{html.escape(summary['models'][k]['name'])}</div></th>"
+                    for k in models)
+    last = "" if subjects else "<th>fine-tuned − base (paired, 95% CI)</th>"
+    return (f'<table id="{"eval-subjects" if subjects else "eval-accuracy"}"><thead><tr><th>'
+            f'{"benchmark: subject" if subjects else "benchmark"}</th><th>scorer</th>{heads}<th>chance</th>{last}'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def unparseable_note(summary: dict) -> str:
@@ -88,6 +95,8 @@ def thinking_table(summary: dict) -> str:
         return '<p id="no-thinking">No thinking-mode checks (they run with the generate scorer).</p>'
     rows = []
     for mode, checks in CHECKS.items():
+        n = max((thinking.get(m, {}).get(mode, {}).get("n", 0) for m in MODELS), default=0)
+        rows.append(f'<tr class="mode"><th colspan="3" scope="rowgroup">{MODE_LABELS[mode]} (n={n})</th></tr>')
         for check in (*checks, "pass"):
             cells = []
             for model in MODELS:
@@ -95,8 +104,7 @@ def thinking_table(summary: dict) -> str:
                 value = None if rates is None else rates.get(check)
                 cells.append(f'<td data-mode="{mode}" data-check="{check}" data-model="{model}" '
                              f'data-value="{"" if value is None else repr(value)}">{_pct(value)}</td>')
-            n = max((thinking.get(m, {}).get(mode, {}).get("n", 0) for m in MODELS), default=0)
-            name = f"<b>{MODE_LABELS[mode]}</b>: all checks (n={n})" if check == "pass" else check.replace("_", " ")
+            name = "<b>all checks</b>" if check == "pass" else check.replace("_", " ")
             rows.append(f'<tr><th scope="row">{name}</th>{"".join(cells)}</tr>')
     heads = "".join(f"<th>{label}</th>" for label in MODELS.values())
     return (f'<table id="thinking-modes"><thead><tr><th>thinking mode / check (share of replies)</th>{heads}</tr>'
@@ -108,11 +116,14 @@ def eval_section(summary: dict) -> str:
     s = summary["settings"]
     notes = "".join(f"<li>{html.escape(b['name'])}: {html.escape('; '.join(b['notes']))}</li>"
                     for b in summary["benchmarks"])
+    by_subject = (f"<details><summary>per subject (intervals wide: few questions each)</summary>"
+                  f"{accuracy_table(summary, subjects=True)}</details>"
+                  if any(r["subject"] != ALL for r in summary["accuracy"]) else "")
     return (f'<section id="eval"><style>{CSS}</style><h2>Medical benchmarks and thinking modes (medsft eval)</h2>'
             f'<p class="sub">{summary["questions"]} questions · scorers: {html.escape(", ".join(s["scorers"]))} · '
             f'thinking budget {s["max_think_tokens"]} tokens, answer {s["max_answer_tokens"]} · accuracy with a '
             f'Wilson 95% interval; the paired difference with a bootstrap 95% interval over the questions</p>'
-            f'<ul class="sub">{notes}</ul>{accuracy_table(summary)}{unparseable_note(summary)}'
+            f'<ul class="sub">{notes}</ul>{accuracy_table(summary)}{unparseable_note(summary)}{by_subject}'
             f'<h3>Thinking modes</h3>{thinking_table(summary)}</section>')
 
 
