@@ -146,3 +146,34 @@ def test_the_figures_reach_swanlab_and_a_swanlab_failure_only_warns(run, tmp_pat
     monkeypatch.setenv("SWANLAB_MODE", "nonsense")  # SwanLab itself refuses it
     assert eval_io.log_swanlab(summary, "local", "medsft", tmp_path, "eval-test") == "failed"
     assert "the files in" in caplog.text
+
+
+def test_served_models_are_asked_with_the_budget_and_each_thinking_mode(tmp_path):
+    """``--endpoint``/``--base_endpoint`` (a fake OpenAI-compatible server): generate only (loglik is n/a for a chat
+    endpoint), the thinking budget as ``thinking_token_budget``, ``enable_thinking`` off and ``/no_think`` in the
+    user turn for the checks; the API key never reaches a file."""
+    from tests.test_endpoint import KEY, FakeOpenAI
+
+    fake = FakeOpenAI()
+    fake.answer = ["\n\n", "Answer: ", "A"]
+    try:
+        out = tmp_path / "out"
+        eval_command.main(["--endpoint", fake.url, "--base_endpoint", fake.url, "--limit", "3", "--think_checks", "2",
+                           "--max_think_tokens", "5", "--max_answer_tokens", "7", "--api_key", KEY, "--output_dir",
+                           str(out), "--swanlab", "disabled"])
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert "loglik: n/a for a served model" in summary["models"]["tuned"]["note"]
+    assert {(r["scorer"], r["n"]) for r in summary["accuracy"] if r["subject"] == "(all)"} == {("generate", 3)}
+    answers = _lines(out / "answers.jsonl")
+    assert all(a["chosen"] == "A" and a["correct"] == (a["answer"] == "A") for a in answers)
+    bodies = [r["body"] for r in fake.requests if r["body"]]
+    assert len(bodies) == 2 * (3 + 2 + 2)
+    thinking = [b for b in bodies if b["chat_template_kwargs"]["enable_thinking"]]
+    assert all(b["max_tokens"] == 12 and b["thinking_token_budget"] == 5 for b in thinking)
+    assert sum(b["messages"][-1]["content"].endswith(" /no_think") for b in thinking) == 4
+    assert sum(not b["chat_template_kwargs"]["enable_thinking"] for b in bodies) == 4
+    assert summary["thinking"]["tuned"]["think"]["n"] == 2
+    assert not any(KEY in p.read_text(encoding="utf-8") for p in out.iterdir())
