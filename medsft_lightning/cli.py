@@ -39,6 +39,7 @@ EXTRA_COMMANDS = {
     "memory": "medsft_lightning.tools.memory_report",
     "preview": "medsft_lightning.tools.preview",
     "compare": "medsft_lightning.tools.compare",
+    "eval": "medsft_lightning.tools.eval",
     "webchat": "medsft_lightning.tools.webchat",
     "chat": "medsft_lightning.tools.chat",
     "serve": "medsft_lightning.tools.serve",
@@ -63,6 +64,7 @@ def check_config(cfg) -> list[str]:
     need(data.get("batch_size", 1) >= 1, "data.batch_size", data.get("batch_size"), "use 1 or more")
     need(0 < data.get("val_fraction", 0.1) < 1, "data.val_fraction", data.get("val_fraction"),
          "use a fraction strictly between 0 and 1")
+    need(0 <= data.get("no_think_share", 0) <= 1, "data.no_think_share", data.get("no_think_share"), "use [0, 1]")
     need(model.get("learning_rate", 1) > 0, "model.learning_rate", model.get("learning_rate"), "use a positive LR")
     need(0 <= model.get("warmup_ratio", 0) < 1, "model.warmup_ratio", model.get("warmup_ratio"), "use [0, 1)")
     accumulate, every = trainer.get("accumulate_grad_batches") or 1, trainer.get("val_check_interval")

@@ -134,7 +134,7 @@ from medsft_lightning.tools import preview
 
 from medsft_lightning.hub import tiny
 from medsft_lightning.cli import EXTRA_COMMANDS, cli_main
-PARSE_ONLY = {"chat", "webchat", "compare", "serve", "doctor"}
+PARSE_ONLY = {"chat", "webchat", "compare", "eval", "serve", "doctor"}
 
 calls = []
 export.export_checkpoint = lambda ckpt, out_dir: calls.append({"ckpt": ckpt, "out_dir": out_dir})
@@ -223,7 +223,7 @@ def problems(result: dict) -> list[str]:
         return done + run_path_problems(where, argv, ALL_RUNS)
     if sub == "memory":
         return [] if result["stdout"].startswith("medsft memory: estimate") else [f"{where}: no estimate printed"]
-    if sub in ("chat", "webchat", "compare", "serve", "doctor"):  # parsed only; runs/… paths: a config's run
+    if sub in ("chat", "webchat", "compare", "eval", "serve", "doctor"):  # parsed only; runs/… paths: a config's run
         return run_path_problems(where, argv, ALL_RUNS)
     return [] if sub == "preview" else [f"{where}: {sub!r} is not a medsft command"]
 

@@ -4,8 +4,10 @@ This stage owns reading the rows (``sources``: local files or a downloaded snaps
 their checks and counted skips (``checks``), a row as chat messages (``formatting``), the tokenizer's chat
 template turning them into ids with the completion-only label mask (``encoding``), the on-disk cache of
 encoded rows (``encoded_cache``), the per-epoch batch order sharded per rank (``sampler``), padding
-collation (``collate``), packing (``packing``), the questions ``medsft predict`` answers (``questions``) and
-the LightningDataModule that runs them in order (``datamodule``). It imports only :mod:`medsft_lightning.hub`
+collation (``collate``), packing (``packing``), the questions ``medsft predict`` answers (``questions``),
+the LightningDataModule that runs them in order (``datamodule``), and ``medsft eval``'s multiple-choice
+benchmarks: names and downloads (``benchmarks``), files and splits (``mcq_files``), the public layouts
+(``mcq_layouts``) and their prompts (``mcq_prompt``). It imports only :mod:`medsft_lightning.hub`
 (downloads and the offline defaults); every other stage may import it.
 """
 

@@ -15,7 +15,7 @@ from medsft_lightning.data import checks
 from medsft_lightning.data.collate import IGNORE_INDEX, pad_collate
 from medsft_lightning.data.encoded_cache import encode_cached
 from medsft_lightning.data.encoding import build_prompts, encode_example, token_lengths
-from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT
+from medsft_lightning.data.formatting import DEFAULT_SYSTEM_PROMPT, with_no_think
 from medsft_lightning.data.packing import PackedDataset, pack_collate, pack_rows
 from medsft_lightning.data.questions import read_questions
 from medsft_lightning.data.sampler import PAD_INDEX, WindowBatchSampler, shard_rows
@@ -73,7 +73,9 @@ class MedicalDataModule(L.LightningDataModule):
             step). ``pack``: rows concatenated without padding into ``batch_size`` sequences of at most
             ``max_length`` tokens, attention kept inside each example (fewest tokens per epoch; fewer,
             larger optimizer steps). Validation always uses ``pad``.
-        shuffle_seed: seed of the per-epoch shuffling of training rows.
+        shuffle_seed: seed of the per-epoch shuffling of training rows (and of which rows ``no_think_share`` takes).
+        no_think_share: share of training rows (chosen by ``shuffle_seed``) turned into Qwen3 non-thinking turns:
+            ``/no_think`` after the question, an empty think block before the answer, supervised (0: none).
         on_bad_rows: ``error`` stops on the first read with every bad row listed; ``skip`` counts
             and skips them.
         empty_think: rows whose ``think`` is empty or blank: ``keep`` (counted), ``drop`` (counted and
@@ -105,6 +107,7 @@ class MedicalDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         batching: Literal["pad", "group_by_length", "pack"] = "pad",
         shuffle_seed: int = 42,
+        no_think_share: float = 0.0,
         on_bad_rows: Literal["error", "skip"] = "error",
         empty_think: Literal["keep", "drop", "error"] = "keep",
         duplicates: Literal["keep", "drop", "error"] = "keep",
@@ -120,6 +123,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.val_set: EncodedDataset | None = None
         self.val_rows: Rows | None = None
         self.train_rows: Rows | None = None
+        self.no_think_ids: list[int] = []  # training rows turned into non-thinking turns (data.no_think_share)
         self.predict_rows: list[dict] = []
         self.predict_skip_ids: set = set()  # ids already answered (set by the prediction writer)
         self.stats: dict[str, int | str] = {}
@@ -189,6 +193,9 @@ class MedicalDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self.train_rows, self.val_rows = self.split_rows()
+        self.train_rows.rows, self.no_think_ids = with_no_think(self.train_rows.rows, self.hparams.no_think_share,
+                                                                self.hparams.shuffle_seed)
+        self.stats.update({"train_no_think": len(self.no_think_ids)} if self.no_think_ids else {})
         self.train_set = self._encode(self.train_rows, "train")
         self.val_set = self._encode(self.val_rows, "val")
         devices = self.trainer.world_size if self.trainer is not None else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
 # The seed tutorial's system prompt ("You are a medical expert; answer the user's question with
@@ -10,6 +11,7 @@ DEFAULT_SYSTEM_PROMPT = "你是一个医学专家，你需要根据用户的问�
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+NO_THINK = "/no_think"  # Qwen3's soft switch: in a user turn, the model answers without thinking
 
 
 def row_to_messages(row: Mapping[str, object], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
@@ -28,6 +30,36 @@ def row_to_messages(row: Mapping[str, object], system_prompt: str | None = DEFAU
     return prompt_messages(row, system_prompt) + [
         {"role": "assistant", "content": row["answer"], "reasoning_content": row["think"]}
     ]
+
+
+def no_think_row(row: Mapping[str, object]) -> dict:
+    """A row as a Qwen3 non-thinking turn: ``/no_think`` ends the question and the think is empty, so the chat
+    template writes the empty think block ``<think>\n\n</think>\n\n`` before the answer (supervised: the model
+    learns to emit it), as Qwen3's thinking-mode fusion data does.
+
+    >>> no_think_row({"question": "Q?", "think": "T", "answer": "A"})
+    {'question': 'Q? /no_think', 'think': '', 'answer': 'A'}
+    """
+    return {**row, "question": f"{row['question']} {NO_THINK}", "think": ""}
+
+
+def no_think_indices(n: int, share: float, seed: int) -> list[int]:
+    """Which of ``n`` rows become non-thinking turns: ``round(n * share)`` of them, chosen with ``seed``.
+
+    >>> no_think_indices(10, 0.3, 42) == no_think_indices(10, 0.3, 42), len(no_think_indices(10, 0.3, 42))
+    (True, 3)
+    """
+    return sorted(random.Random(f"no_think:{seed}").sample(range(n), round(n * share))) if share > 0 else []
+
+
+def with_no_think(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[int]]:
+    """``rows`` with :func:`no_think_indices`' rows as :func:`no_think_row`, and those indices
+    (``data.no_think_share``); a share of 0 returns the very same list."""
+    chosen = no_think_indices(len(rows), share, seed)
+    if not chosen:
+        return rows, []
+    picked = set(chosen)
+    return [no_think_row(r) if i in picked else r for i, r in enumerate(rows)], chosen
 
 
 def prompt_messages(row: Mapping[str, object], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:

@@ -260,10 +260,11 @@ class EndpointSession:
         return write_transcript(path, self.replies, self.settings, where)
 
 
-def answer_one(endpoint: Endpoint, messages: list[dict], settings: Generation, thinking: bool = True) -> dict:
+def answer_one(endpoint: Endpoint, messages: list[dict], settings: Generation, thinking: bool = True,
+               max_think_tokens: int | None = None) -> dict:
     """One non-streamed answer as :func:`~medsft_lightning.generation.generate.generate_batch` returns it (``raw``
     rebuilt as ``<think>…</think>`` + answer), plus ``think_tokens``/``answer_tokens`` from the server's usage."""
-    response = endpoint.create(messages=messages, **request_params(settings, settings.seed, thinking))
+    response = endpoint.create(messages=messages, **request_params(settings, settings.seed, thinking, max_think_tokens))
     choice = response.choices[0]
     think, content = _reasoning(choice.message), (choice.message.content or "").lstrip("\n")
     raw = content if think is None else THINK_OPEN + "\n" + think.strip("\n") + (
@@ -281,13 +282,14 @@ def answer_one(endpoint: Endpoint, messages: list[dict], settings: Generation, t
 
 
 def generate_answers(endpoint: Endpoint, conversations: Sequence[list[dict]], settings: Generation, *,
-                     workers: int = 8, thinking: bool = True, progress: Callable[[int, int], None] | None = None
-                     ) -> list[dict]:
+                     workers: int = 8, thinking: bool = True, progress: Callable[[int, int], None] | None = None,
+                     max_think_tokens: int | None = None) -> list[dict]:
     """:func:`answer_one` for every conversation, ``workers`` requests at a time; the answers in the given order.
     Every request has the same seed (``settings.seed``)."""
     out: list = [None] * len(conversations)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="medsft-endpoint") as pool:
-        futures = {pool.submit(answer_one, endpoint, m, settings, thinking): i for i, m in enumerate(conversations)}
+        futures = {pool.submit(answer_one, endpoint, m, settings, thinking, max_think_tokens): i
+                   for i, m in enumerate(conversations)}
         for done, future in enumerate(as_completed(futures), 1):
             out[futures[future]] = future.result()
             if progress is not None:

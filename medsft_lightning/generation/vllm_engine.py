@@ -192,10 +192,15 @@ class VllmEngine(L.Callback):
     def generate(self, tokenizer, prompts: Sequence[Sequence[int]], settings: Generation) -> list[dict]:
         """The answers to a batch of prompt ids, in order, as :func:`~medsft_lightning.generation.generate.
         generate_batch` returns them."""
-        settings = settings.resolved(self.generation_config)
         stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+        return [generated_output(ids, tokenizer, stop_ids) for ids in self.generate_ids(prompts, settings, stop_ids)]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: Generation, stop_ids: Sequence[int]
+                     ) -> list[list[int]]:
+        """The generated token ids of each prompt, in order (``medsft eval`` continues some of them)."""
+        settings = settings.resolved(self.generation_config)
         if settings.max_new_tokens < 1 or not prompts:
-            return [generated_output([], tokenizer, stop_ids) for _ in prompts]
+            return [[] for _ in prompts]
         if self.proc is None:
             self.start(max(len(p) for p in prompts) + settings.max_new_tokens)
         request = {"prompts": [[int(t) for t in p] for p in prompts], "sampling": sampling_params(settings, stop_ids)}
@@ -207,7 +212,7 @@ class VllmEngine(L.Callback):
         outputs = self._receive("generating")["outputs"]
         if len(outputs) != len(prompts):
             raise VllmEngineError(f"vLLM answered {len(outputs)} of {len(prompts)} prompts")
-        return [generated_output(o["token_ids"], tokenizer, stop_ids) for o in outputs]
+        return [list(o["token_ids"]) for o in outputs]
 
     def close(self, timeout: float = 30.0, now: bool = False) -> None:
         """End the worker: end of its input (``now``: SIGTERM, which ends a batch under way too), then vLLM's own

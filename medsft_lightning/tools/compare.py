@@ -38,6 +38,7 @@ from medsft_lightning.generation.generate import Generation, generate_batch, gen
 from medsft_lightning.generation.wrapped import base_model
 from medsft_lightning.tools import compare_served as served
 from medsft_lightning.tools.compare_metrics import generation_summary, paired, score_answer, teacher_forced
+from medsft_lightning.tools.eval_io import run_eval_section
 from medsft_lightning.tools.models import ModelError, load_model, looks_like_path
 from medsft_lightning.tools.preview import LINKED
 from medsft_lightning.tools.report import write_reports
@@ -270,7 +271,7 @@ def compare(args: argparse.Namespace) -> dict:
     with (inputs.out / "pairs.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     (inputs.out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    write_reports(inputs.out, metrics, pairs, inputs.metrics_csv)
+    write_reports(inputs.out, metrics, pairs, inputs.metrics_csv, run_eval_section(inputs.run))  # medsft eval's
     return metrics
 
 

@@ -132,6 +132,12 @@ def main(argv: list[str]) -> None:
           f"tokens (trained), {len(labels) - prompt - row['num_supervised']} masked after the answer"
           + (f"; truncated from {row['length']} to max_length={dm.hparams.max_length}" if row["truncated"] else ""))
     print(show_row(row, dm.load_tokenizer(), color))
+    no_think = set(dm.no_think_ids)
+    shown = next((r for r in dm.train_set.rows if r["row_id"] in no_think), None)
+    if shown is not None and cfg.split == "train" and shown is not row:
+        print(f"== a non-thinking training row (data.no_think_share={dm.hparams.no_think_share}: {len(no_think)} of "
+              f"{len(dm.train_rows.rows)} rows; {dm.train_rows.where[shown['row_id']]})")
+        print(show_row(shown, dm.load_tokenizer(), color))
     print("== length statistics")
     for split, ds in (("train", dm.train_set), ("val", dm.val_set)):
         print(length_stats(split, ds.rows, dm.stats, dm.hparams.max_length))

@@ -160,8 +160,9 @@ def card(index: int, pair: dict) -> str:
             f'<div class="cols">{"".join(cols)}</div></div>')
 
 
-def render_html(metrics: dict, pairs: list[dict], metrics_csv: Path | None) -> str:
-    """The whole ``report.html`` page (see the module docstring)."""
+def render_html(metrics: dict, pairs: list[dict], metrics_csv: Path | None, extra_html: str = "") -> str:
+    """The whole ``report.html`` page (see the module docstring); ``extra_html``: sections after the paired one
+    (``medsft eval``'s benchmark and thinking-mode section of the same run)."""
     models = " · ".join(f"{label}: <b>{html.escape(metrics['models'][k]['name'])}</b> "
                         f"({html.escape(metrics['models'][k]['source'])})" for k, label in MODELS.items())
     decoding = html.escape(Generation(**metrics["decoding"]).describe())
@@ -171,8 +172,8 @@ def render_html(metrics: dict, pairs: list[dict], metrics_csv: Path | None) -> s
             f'<body><header><h1>medsft compare: base vs fine-tuned</h1><p class="sub">{models}</p>'
             f'<p class="sub">{metrics["questions"]} questions{run} · decoding: {decoding} (the same prompts, settings '
             f'and seed for both)</p></header><section id="summary"><h2>Metrics</h2>{metrics_table(metrics)}</section>'
-            f'{paired_section(metrics["paired"])}{curves_section(metrics_csv)}<section id="questions"><h2>Questions'
-            f'</h2>{"".join(card(i, p) for i, p in enumerate(pairs))}</section></body></html>\n')
+            f'{paired_section(metrics["paired"])}{extra_html}{curves_section(metrics_csv)}<section id="questions">'
+            f'<h2>Questions</h2>{"".join(card(i, p) for i, p in enumerate(pairs))}</section></body></html>\n')
 
 
 def _cell(text: str) -> str:
@@ -214,9 +215,10 @@ def render_markdown(metrics: dict, pairs: list[dict], metrics_csv: Path | None) 
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out: Path, metrics: dict, pairs: list[dict], metrics_csv: Path | None) -> tuple[Path, Path]:
-    """Write ``out/report.html`` and ``out/report.md``; returns their paths."""
+def write_reports(out: Path, metrics: dict, pairs: list[dict], metrics_csv: Path | None,
+                  extra_html: str = "") -> tuple[Path, Path]:
+    """Write ``out/report.html`` (with ``extra_html``, see :func:`render_html`) and ``out/report.md``."""
     page, markdown = out / "report.html", out / "report.md"
-    page.write_text(render_html(metrics, pairs, metrics_csv), encoding="utf-8")
+    page.write_text(render_html(metrics, pairs, metrics_csv, extra_html), encoding="utf-8")
     markdown.write_text(render_markdown(metrics, pairs, metrics_csv), encoding="utf-8")
     return page, markdown
