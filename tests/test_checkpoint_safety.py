@@ -135,6 +135,7 @@ COMMANDS = {  # every command that takes a checkpoint, with the rest of its comm
     "webchat": lambda c, tmp: ["webchat", str(c), "--port", "0"],
     "compare": lambda c, tmp: ["compare", "--model", str(c), "--base", str(c), "--questions", str(tmp / "q.jsonl"),
                                "--out", str(tmp / "cmp")],
+    "eval": lambda c, tmp: ["eval", str(c), "--output_dir", str(tmp / "eval"), "--swanlab", "disabled"],
     "serve": lambda c, tmp: ["serve", str(c), "--vllm_python", "/nonexistent/python"],
     "fit": lambda c, tmp: ["fit", "--config", "configs/demo.yaml", "--ckpt_path", str(c)],
     "validate": lambda c, tmp: ["validate", "--config", "configs/demo.yaml", "--ckpt_path", str(c)],
