@@ -219,12 +219,6 @@ def optimizer_step_temp_bytes(arch: Arch, precision: str, optimizer: str, shard:
         raise EstimateError(str(err)) from None
 
 
-def kahan_bytes(arch: Arch, precision: str, optimizer: str, shard: int = 1) -> int:
-    """Kahan compensation (``optim.adamw``): one per bf16/fp16 weight, in its dtype but fp32 for 1-D ones."""
-    p = precision_of(precision).param
-    return memory_optim.state_bytes(param_tensors(arch), p, memory_optim.choice_of(optimizer), shard)[1]
-
-
 def disk_bytes(arch: Arch, precision: str, optimizer: str) -> dict[str, int]:
     """A checkpoint file, the ``hf_model`` export and a run's peak (module docstring), in bytes."""
     p = precision_of(precision).param
