@@ -25,7 +25,7 @@ stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
   a 4 MiB CPU-only add slice (``tests/test_loss_memory.py``, ``benchmarks/loss_chunk_memory.py``).
   Seed-style full logits, for comparison: T·V·(a + 4 + 4) (logits, fp32 log-probs, their gradient).
 - total = weights + gradients (+ DDP buckets) + optimizer state + max(activations + loss, step temporaries)
-  (in backward: their sum): all counted as alive at once; ``total_device`` adds the CUDA context, allocator
+  (in backward, untied head: their sum), all alive at once; ``total_device`` adds the CUDA context, allocator
   slack and NCCL buffers (``memory_optim``). Against H200 peaks (benchmarks/README.md: Qwen3-1.7B, rows of 2,048,
   unpadded, fused AdamW, the loss before its reused buffers) it was 2-5% low: batch 4 with checkpointing
   17.3 vs 17.7 GiB, batch 2 16.4 vs 17.2, batch 4 without checkpointing 39.7 vs 40.9, seed 16.2 vs 16.6.
@@ -292,7 +292,8 @@ def estimate(
     out["disk"] = disk_bytes(arch, precision, optimizer)
     static = sum(out[k] for k in ("weights", "autocast_copies", "gradients", "optimizer", "kahan", "ddp_buckets"))
     forward = out["activations"] + out["loss_chunked"]
-    step = forward + out["optimizer_step_temp"] if in_backward else max(forward, out["optimizer_step_temp"])
+    alongside = in_backward and not arch.tie_word_embeddings
+    step = forward + out["optimizer_step_temp"] if alongside else max(forward, out["optimizer_step_temp"])
     out["total"] = static + out["fsdp_gathered"] + step
     out["device"] = memory_optim.device_overhead(out["total"], gpu, devices)
     out["total_device"] = out["total"] + sum(out["device"].values())

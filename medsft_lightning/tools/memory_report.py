@@ -112,7 +112,8 @@ def _memory_rows(arch: Arch, s: Settings, est: dict) -> list[str]:
     return [
         *row("weights", "weights", f"{pr.param} B/param{shard}"),
         *row("autocast bf16 weight copies", "autocast_copies", f"{pr.autocast} B/param", est["autocast_copies"] > 0),
-        *row("gradients", "gradients", f"{pr.param} B/param{shard}"),
+        *row("gradients", "gradients", "in flight only: the embedding's + one layer's (stepped in backward)"
+             if s.in_backward else f"{pr.param} B/param{shard}"),
         *row("DDP gradient buckets", "ddp_buckets", "a second gradient copy", est["ddp_buckets"] > 0),
         *row("FSDP gathered weights + gradients", "fsdp_gathered", "embedding + 2 decoder layers unsharded",
              est["fsdp_gathered"] > 0),
@@ -127,7 +128,7 @@ def _memory_rows(arch: Arch, s: Settings, est: dict) -> list[str]:
              f"{chunk:,} × {v:,} × {logit_b} B logits + {v:,} × {arch.hidden_size:,} × {head_b} B LM-head gradient"),
         *row("seed-style full logits", "loss_full", f"not counted: {tokens:,} × {v:,} × {pr.act + 8} B", indent=True),
         *row("optimizer step temporaries", "optimizer_step_temp", f"{_OPTIMIZER_NAMES[s.optimizer][1]}; " + (
-             "counted beside activations + loss (in backward)" if s.in_backward else
+             "counted beside activations + loss (in backward)" if s.in_backward and not arch.tie_word_embeddings else
              "counted if above activations + loss"), est["optimizer_step_temp"] > 0),
         *_device_rows(est),
         f"{'total':<40}{est['total_device'] / GIB:>8.2f}  GiB per device",
