@@ -40,7 +40,7 @@ def _hints(arch: Arch, s: Settings, total: int) -> list[str]:
     for choice in _choices(s):
         if choice != s.resolved:
             alt.append((f"optimizer {choice}", replace(s, choice=choice, kahan_summation=None), _WHY[choice]))
-    if not s.in_backward:
+    if not s.in_backward and s.devices == 1:
         alt.append(("optimizer_in_backward true", replace(s, in_backward=True),
                     "needs accumulate_grad_batches 1, no gradient clipping, one device"))
     if s.resolved == "adamw" and not s.fused_adamw:
@@ -70,7 +70,7 @@ def _choice_rows(arch: Arch, s: Settings) -> list[str]:
     if weights_of(s.precision) == "bf16":  # the reference: fp32 master weights and moments
         mixed = replace(s, precision="bf16-mixed", choice="adamw", kahan_summation=None, fused_adamw=False)
         variants.append(("fp32 master + moments (bf16-mixed, adamw)", mixed))
-    if not s.in_backward:
+    if not s.in_backward and s.devices == 1:  # DDP/FSDP average gradients after the hooks would have stepped
         variants.append((f"{s.resolved} + optimizer_in_backward", replace(s, in_backward=True)))
     lines = [f"{'':44}{'B/param':>8}{'GiB':>8}" + "".join(f"{f'{c} GiB':>8}" for c in CARDS)]
     for name, v in variants:
@@ -138,7 +138,8 @@ def _memory_rows(arch: Arch, s: Settings, est: dict) -> list[str]:
 def _moments_how(s: Settings, est: dict, p: int) -> str:
     if s.resolved != "adamw8bit_sr":
         return f"2 moments × {p} B/param"
-    return f"{est['optimizer'] / est['params']:.2f} B/param: 2 × 8-bit codes + block scales (torchao)"
+    shards = s.devices if est["strategy"] == "fsdp" else 1
+    return f"{est['optimizer'] * shards / est['params']:.2f} B/param: 2 × 8-bit codes + block scales (torchao)"
 
 
 def _device_rows(est: dict) -> list[str]:

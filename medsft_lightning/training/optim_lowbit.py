@@ -51,12 +51,14 @@ def adamw8bit_sr_class() -> type:
     class AdamW8bitSR(ao.AdamW8bit):
         """torchao's ``AdamW8bit(bf16_stochastic_round=True)``; checkpoints as plain tensors, eager on the CPU."""
 
+        compile_on_cpu = False  # benchmarks set it: torchao's compiled step (its CUDA path's code) on the CPU too
+
         def __init__(self, params, lr: float, betas: tuple[float, float], eps: float = 1e-8) -> None:
             super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, bf16_stochastic_round=True)
 
         @torch.no_grad()
         def step(self, closure=None):
-            if any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
+            if self.compile_on_cpu or any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
                 return super().step(closure)
             loss = None
             if closure is not None:
