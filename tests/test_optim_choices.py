@@ -110,9 +110,9 @@ CASES = [("adamw", torch.float32), ("adamw", torch.bfloat16), ("kahan", torch.bf
 @pytest.mark.parametrize(("choice", "dtype"), CASES)
 def test_stepping_inside_backward_gives_the_ordinary_steps_weights(init, choice, dtype):
     rounded = choice == "adamw8bit_sr" and dtype == torch.bfloat16
-    # Stochastic rounding draws its random bits per tensor in step order, which backward changes: from the same
-    # weights and gradient the two round each weight up or down independently, so after one step they differ by
-    # at most one bf16 step of the weight (after more, the gradients differ too).
+    # Stochastic rounding: one random stream for the whole optimizer, one per parameter in backward, so from the
+    # same weights and gradient the two round a weight up or down independently: after one step they differ by at
+    # most one bf16 step of the weight (after more, the gradients differ too).
     data = batches(1 if rounded else 3)
     torch.manual_seed(1)
     plain, plain_opt = fresh(init, choice, dtype, in_backward=False)
@@ -122,13 +122,15 @@ def test_stepping_inside_backward_gives_the_ordinary_steps_weights(init, choice,
     assert isinstance(hooked_opt, StepInBackward)
     train(hooked, hooked_opt, data)
     assert all(p.grad is None for p in hooked.parameters())  # every gradient was freed as soon as it was used
+    differ = []
     for (name, a), b in zip(plain.named_parameters(), hooked.parameters()):
         if rounded:
             ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().clamp(min=2**-126)  # 2^-7 of the weight
             assert ((a.float() - b.float()).abs() <= ulp).all(), name
-            assert not torch.equal(a, b) or a.numel() < 4096, name  # the draws really differ: the bound is the test
+            differ.append(not torch.equal(a, b))
         else:
             assert torch.equal(a, b), name
+    assert not rounded or sum(differ) > len(differ) // 2  # the draws really differ: the bound is what is tested
     if choice == "adamw8bit_sr":  # the 8-bit moments were really used (tensors of >= 4,096 values)
         assert any(hasattr(s["exp_avg"], "codes") for s in hooked_opt.state.values())
 
@@ -176,3 +178,46 @@ def test_state_saved_and_restored_continues_bit_for_bit(init, choice, dtype, in_
         inner = next(iter(again_opt.opts.values())) if in_backward else again_opt
         assert type(inner).__name__ == "AdamW8bitSR"
         assert any("OptimState8bit" in k for k in kinds)  # restored as 8-bit moments, not dequantized copies
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory, init):
+    path = tmp_path_factory.mktemp("small-qwen3")
+    init.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("choice", "in_backward"), [("kahan", False), ("adamw8bit_sr", False), ("adamw8bit_sr", True)])
+def test_a_lightning_checkpoint_resumes_bf16_states_bit_for_bit(tmp_path, small_folder, choice, in_backward):
+    """bf16-true through the real Trainer: 6 steps straight, or 3 steps (an epoch) saved to last.ckpt and a new
+    Trainer resumed from that file (``weights_only=True``, as ``medsft fit --ckpt_path`` loads it) for 3 more: the
+    same weights, bit for bit, 8-bit moments, Kahan compensations and stochastic rounding's RNG included. (The CLI
+    refuses half precision on the CPU, so ``tests/test_resume.py``'s kill-and-resume runs fp32 weights.)"""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from medsft_lightning.training.module import MedSFTModule
+
+    # One batch every step: Lightning restarts a plain DataLoader's epoch on resume (medsft's own sampler skips what
+    # was trained, tests/test_resume.py), so only the optimizer state and the RNG can make the runs differ.
+    ids, labels = batches(1, seed=2)[0]
+    loader = torch.utils.data.DataLoader([{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}]
+                                         * 3, batch_size=None)
+
+    def fit(run: str, max_steps: int, ckpt_path: str | None = None):
+        L.seed_everything(0)
+        module = MedSFTModule(str(small_folder), optimizer=choice, optimizer_in_backward=in_backward,
+                              gradient_checkpointing=True, loss_chunk_size=16, learning_rate=1e-3, warmup_ratio=0.0,
+                              min_lr_ratio=1.0)  # a constant LR: the 3-step run has the same schedule
+        saver = ModelCheckpoint(dirpath=tmp_path / run, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+        trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=max_steps, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[saver], gradient_clip_val=None if in_backward else 1.0)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+        return module
+
+    straight = fit("straight", 6)
+    fit("first", 3)
+    resumed = fit("resumed", 6, ckpt_path=str(tmp_path / "first" / "last.ckpt"))
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b), name

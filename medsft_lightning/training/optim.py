@@ -65,11 +65,14 @@ def build(choice: str, groups: list[dict], lr: float, betas: tuple[float, float]
         in_backward: step each parameter inside backward (:class:`~.optim_backward.StepInBackward`).
         eps: AdamW epsilon (torch-optimi's own default is 1e-6, so it is always passed).
     """
+    made = []
+
     def make(parts: list[dict]) -> torch.optim.Optimizer:
-        if choice == "adamw8bit_sr":
+        made.append(parts)
+        if choice == "adamw8bit_sr":  # one rounding stream per optimizer (per parameter in backward)
             from medsft_lightning.training.optim_lowbit import adamw8bit_sr_class
 
-            return adamw8bit_sr_class()(parts, lr=lr, betas=betas, eps=eps)
+            return adamw8bit_sr_class()(parts, lr=lr, betas=betas, eps=eps, stream=len(made) - 1)
         return adamw(parts, lr, betas, kahan=choice == "kahan", fused=fused, eps=eps)
 
     if not in_backward:

@@ -78,7 +78,8 @@ class StepInBackward(torch.optim.Optimizer):
         for i, (p, opt) in enumerate(self.opts.items()):
             saved = opt.state_dict()
             own = {k: v for k, v in saved["param_groups"][0].items() if k in PER_PARAMETER}
-            state[i] = {"state": saved["state"].get(0, {}), "group": own}
+            extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}  # e.g. a rounding stream
+            state[i] = {"state": saved["state"].get(0, {}), "group": own, **({"extra": extra} if extra else {})}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
                   for g in self.param_groups]
         return {"state": state, "param_groups": groups}
@@ -93,7 +94,8 @@ class StepInBackward(torch.optim.Optimizer):
         for i, (p, opt) in enumerate(self.opts.items()):
             entry = state_dict["state"][i]
             group = {**opt.param_groups[0], **entry["group"], "params": [0]}
-            opt.load_state_dict({"state": {0: entry["state"]} if entry["state"] else {}, "param_groups": [group]})
+            opt.load_state_dict({"state": {0: entry["state"]} if entry["state"] else {}, "param_groups": [group],
+                                 **entry.get("extra", {})})
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:

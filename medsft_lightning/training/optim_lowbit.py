@@ -12,6 +12,11 @@ What medsft adds around the library's optimizer, nothing of the update itself:
   =True)`` refuses unless torchao is imported first; ``state_dict`` stores each as its ``codes`` (uint8) and
   ``scale`` (fp32) instead, and ``load_state_dict`` rebuilds them exactly (torch's own ``load_state_dict``
   would cast the uint8 codes to the weights' dtype).
+- **its own random stream**: stochastic rounding draws from torch's global generator, which the data loader, a
+  resumed run's epoch restart and everything else also draw from, so a resumed run would round differently.
+  The step runs on a forked generator whose state (seeded from ``torch.initial_seed()``, so
+  ``seed_everything`` fixes it) is kept with the optimizer and saved in its ``state_dict``: resuming rounds
+  exactly as the uninterrupted run did (``tests/test_optim_choices.py``), and training draws no global numbers.
 - **on the CPU the step runs eagerly**: torchao compiles its per-parameter step with ``torch.compile``, which
   on a CPU means a C++ build per tensor shape (tens of seconds each); the same function
   (``torchao.optim.adam.single_param_adam``) is called uncompiled there. On CUDA torchao's own step runs.
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 QUANTIZED = "medsft_8bit"  # marks a moment saved as codes + scale in a state_dict
+ROUNDING_RNG = "medsft_rounding_rng"  # the stochastic rounding stream's generator states, in a state_dict
 
 
 @functools.cache
@@ -53,17 +59,36 @@ def adamw8bit_sr_class() -> type:
 
         compile_on_cpu = False  # benchmarks set it: torchao's compiled step (its CUDA path's code) on the CPU too
 
-        def __init__(self, params, lr: float, betas: tuple[float, float], eps: float = 1e-8) -> None:
+        def __init__(self, params, lr: float, betas: tuple[float, float], eps: float = 1e-8, stream: int = 0) -> None:
             super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, bf16_stochastic_round=True)
+            self.rounding_rng: dict[str, Any] | None = None  # the stream's generator states, made at the first step
+            self.stream = stream
 
         @torch.no_grad()
         def step(self, closure=None):
-            if self.compile_on_cpu or any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
-                return super().step(closure)
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            cuda = sorted({p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda})
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                if self.rounding_rng is None:  # only the generators fork_rng puts back are seeded
+                    seed = torch.initial_seed() + 7919 * (self.stream + 1)
+                    torch.random.default_generator.manual_seed(seed)
+                    for index in cuda:
+                        torch.cuda.default_generators[index].manual_seed(seed)
+                else:
+                    torch.set_rng_state(self.rounding_rng["cpu"])
+                    for index, state in zip(cuda, self.rounding_rng["cuda"]):
+                        torch.cuda.set_rng_state(state, index)
+                if cuda or self.compile_on_cpu:
+                    super().step()
+                else:
+                    self._eager_step()
+                self.rounding_rng = {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(i) for i in cuda]}
+            return loss
+
+        def _eager_step(self) -> None:
             for group in self.param_groups:  # torchao's own loop (adam.py), without torch.compile
                 for p in group["params"]:
                     if p.grad is None:
@@ -78,14 +103,18 @@ def adamw8bit_sr_class() -> type:
                     single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
                                       group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
                                       group["eps"], self.is_adamw, rounding)
-            return loss
 
         def state_dict(self) -> dict[str, Any]:
             out = super().state_dict()
             out["state"] = {index: {k: _packed(v) for k, v in s.items()} for index, s in out["state"].items()}
+            if self.rounding_rng is not None:
+                out[ROUNDING_RNG] = dict(self.rounding_rng)
             return out
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            state_dict = dict(state_dict)
+            rng = state_dict.pop(ROUNDING_RNG, None)
+            self.rounding_rng = {"cpu": rng["cpu"].clone(), "cuda": [t.clone() for t in rng["cuda"]]} if rng else None
             packed = {i: {k: v for k, v in s.items() if isinstance(v, dict) and v.get(QUANTIZED)}
                       for i, s in state_dict["state"].items()}
             plain = {i: {k: v for k, v in s.items() if k not in packed[i]} for i, s in state_dict["state"].items()}
