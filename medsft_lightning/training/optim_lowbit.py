@@ -29,6 +29,7 @@ What medsft adds around the library's optimizer, nothing of the update itself:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -51,6 +52,9 @@ def torchao_optim():
 def adamw8bit_sr_class() -> type:
     """:class:`AdamW8bitSR`, defined on first use (importing torchao takes seconds)."""
     ao = torchao_optim()
+    # torch.compile of torchao's step warns once that its state class has no stable hash for AOT autograd's
+    # cache (a cache miss at worst, nothing about the results).
+    warnings.filterwarnings("ignore", message="OptimState8bit does not implement _stable_hash_for_caching")
     from torchao.optim.adam import single_param_adam
     from torchao.optim.subclass_8bit import OptimState8bit
 
