@@ -221,3 +221,32 @@ def test_a_lightning_checkpoint_resumes_bf16_states_bit_for_bit(tmp_path, small_
     resumed = fit("resumed", 6, ckpt_path=str(tmp_path / "first" / "last.ckpt"))
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(("written", "in_backward", "resumed"), [("kahan", False, "adamw8bit_sr"),
+                                                                ("adamw8bit_sr", True, "kahan")])
+def test_resuming_into_another_optimizer_is_refused_naming_the_flag(tmp_path, small_folder, written, in_backward,
+                                                                     resumed):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from medsft_lightning.training.module import MedSFTModule
+
+    ids, labels = batches(1, seed=3)[0]
+    loader = torch.utils.data.DataLoader([{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}],
+                                         batch_size=None)
+
+    def fit(choice: str, ckpt_path: str | None = None):
+        module = MedSFTModule(str(small_folder), optimizer=choice, optimizer_in_backward=in_backward and not ckpt_path,
+                              loss_chunk_size=16)
+        trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=2, logger=False, limit_val_batches=0,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)])
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+
+    fit(written)
+    with pytest.raises(ValueError) as err:
+        fit(resumed, str(tmp_path / "last.ckpt"))
+    assert str(err.value) == (f"the checkpoint's optimizer state was written by model.optimizer={written}, this run "
+                              f"builds {resumed}: resume with --model.optimizer {written} (or start a new run from "
+                              "its weights)")

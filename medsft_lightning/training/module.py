@@ -279,6 +279,7 @@ class MedSFTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
+            optim.check_resume(self, checkpoint)
             restore_rng(checkpoint.get("medsft_rng"))
 
     # -- optimisation ------------------------------------------------------------------------

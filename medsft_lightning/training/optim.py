@@ -185,6 +185,34 @@ def configure(module) -> dict:
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def saved_kind(state: dict) -> str | None:
+    """Which choice wrote an optimizer ``state_dict`` (``None``: nothing stepped yet, nothing to tell)."""
+    from medsft_lightning.training.optim_lowbit import QUANTIZED, ROUNDING_RNG
+
+    entries = list(state.get("state", {}).values())
+    if entries and all(set(e) <= {"state", "group", "extra"} for e in entries):  # optimizer_in_backward's layout
+        entries = [{**e["state"], **e.get("extra", {})} for e in entries]
+    if not entries:
+        return None
+    keys = set().union(*entries) | set(state)
+    marked = any(isinstance(v, dict) and v.get(QUANTIZED) for e in entries for v in e.values())
+    return "adamw8bit_sr" if marked or ROUNDING_RNG in keys else "kahan" if "kahan_comp" in keys else "adamw"
+
+
+def check_resume(module, checkpoint: dict) -> None:
+    """Refuse to resume a fit into another ``model.optimizer`` than the one that wrote the checkpoint's state (its
+    moments and compensations would be read as something else), with the flag that resumes it."""
+    states = checkpoint.get("optimizer_states") or []
+    saved = saved_kind(states[0]) if states else None
+    if saved is None or module.model is None:
+        return
+    hp = module.hparams
+    now = optim_choice.resolve(hp.optimizer, weights_kind(module.model.parameters()), hp.kahan_summation)
+    if saved != now:
+        raise ValueError(f"the checkpoint's optimizer state was written by model.optimizer={saved}, this run "
+                         f"builds {now}: resume with --model.optimizer {saved} (or start a new run from its weights)")
+
+
 def fused_by_default(module) -> bool:
     """Fused AdamW on CUDA and CPU, except under ``*-mixed`` precision, whose Lightning plugin refuses gradient
     clipping with an optimizer that unscales inside its step (fused AdamW): full.yaml clips at 1.0."""
