@@ -58,6 +58,8 @@ def child(arm: str) -> dict:
     with torch.device("meta"):
         model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1P7B))
     model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()  # to_empty gives the LM head storage of its own: tied again, as from_pretrained leaves it
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     module = MedSFTModule("unused", optimizer=choice)

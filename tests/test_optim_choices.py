@@ -250,3 +250,17 @@ def test_resuming_into_another_optimizer_is_refused_naming_the_flag(tmp_path, sm
     assert str(err.value) == (f"the checkpoint's optimizer state was written by model.optimizer={written}, this run "
                               f"builds {resumed}: resume with --model.optimizer {written} (or start a new run from "
                               "its weights)")
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_new_lr_on_resume_reaches_torchaos_tensor_lr(init, in_backward):
+    """torchao keeps the LR as an fp32 tensor: a fresh run reports no change (1e-5 is not exact in fp32), and a
+    resumed run's new LR is set in place, so its step still runs (a float LR would stop it)."""
+    from medsft_lightning.training.resume import sync_optimizer_hparams
+
+    model, opt = fresh(init, "adamw8bit_sr", torch.bfloat16, in_backward)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert sync_optimizer_hparams(opt, sched, 1e-3, (0.9, 0.999), [0.01, 0.0]) == []
+    assert sync_optimizer_hparams(opt, sched, 2e-3, (0.9, 0.999), [0.01, 0.0]) == ["initial_lr: 0.001 → 0.002"]
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([1e-3, 1e-3])  # 2e-3 x 0.5
+    train(model, opt, batches(1))

@@ -79,7 +79,7 @@ def build(choice: str, groups: list[dict], lr: float, betas: tuple[float, float]
         return make(groups)
     from medsft_lightning.training.optim_backward import StepInBackward
 
-    return StepInBackward(groups, make)
+    return StepInBackward([{**g, "lr": lr} for g in groups], make)
 
 
 def adamw(

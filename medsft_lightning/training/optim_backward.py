@@ -43,8 +43,7 @@ class StepInBackward(torch.optim.Optimizer):
                 self.opts[p] = make([{**group, "params": [p]}])
             template = self.opts[params[0]].param_groups[0] if params else group
             settings = {k: v for k, v in template.items() if k not in ("params", *PER_PARAMETER)}
-            lr = settings.get("lr", group.get("lr"))  # torchao keeps its LR as a tensor: a float here, for schedulers
-            self.param_groups.append({**settings, "lr": float(lr) if lr is not None else lr, "params": params})
+            self.param_groups.append({**settings, "lr": group["lr"], "params": params})  # a float, for schedulers
         first = next(iter(self.opts.values()), None)
         self.defaults = first.defaults if first is not None else {}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
