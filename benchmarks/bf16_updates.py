@@ -1,4 +1,8 @@
-"""bf16 updates that vanish: plain AdamW on bf16 weights vs Kahan-compensated AdamW vs fp32 master weights.
+"""bf16 updates that vanish: each ``model.optimizer`` on bf16 weights vs fp32 master weights, in real training.
+
+Two parts (``--part``): ``fidelity`` runs ``benchmarks/optimizer_fidelity.py`` (every choice against fp32 on the
+same weights and gradients, >= 1,000 steps at lr 1e-5 and 1e-4: drift, both moments' ratios to fp32's, state
+bytes per parameter, seconds per step); ``training`` (below) trains the tiny model with each choice.
 
 At ``lr`` 1e-5 an AdamW update (~1e-5 per weight) is smaller than half the bf16 resolution of a weight near
 0.02 (~6e-5), and RMSNorm weights sit at 1.0 (resolution 2^-8 below, 2^-7 above): under ``precision:
@@ -9,13 +13,15 @@ same init on the same rows in the same order with a real ``lightning.Trainer`` +
 ``MedicalDataModule("medsft:sample")`` (86 train / 10 val rows, truncated to ``--max_length`` so steps are
 quick; batching ``pad``, batch ``--batch_size``, seed 42 for the shuffling and ``L.seed_everything``), at a
 constant LR (``warmup_ratio`` 0, ``min_lr_ratio`` 1.0), weight decay 0.01 and clipping 1.0 as in
-configs/full.yaml, no gradient checkpointing, ``loss_chunk_size`` 128, in four arms:
+configs/full.yaml, no gradient checkpointing, ``loss_chunk_size`` 128, in these arms:
 
-1. ``bf16-true-plain``: ``bf16-true``, ``kahan_summation=False``: plain AdamW on bf16 weights (before the fix);
-2. ``bf16-true-kahan``: ``bf16-true``, ``kahan_summation=None``: Kahan-compensated AdamW (the fix);
-3. ``bf16-mixed``: fp32 master weights and AdamW states, bf16 autocast compute: the reference. Its AdamW is
+1. ``bf16-true-plain``: ``bf16-true``, ``optimizer=adamw``: plain AdamW on bf16 weights;
+2. ``bf16-true-kahan``: ``bf16-true``, ``optimizer=kahan``: Kahan-compensated AdamW (torch-optimi);
+3. ``bf16-true-8bit-sr``: ``bf16-true``, ``optimizer=adamw8bit_sr``: torchao's 8-bit moments, stochastic
+   rounding (the default for bf16 weights; its step compiled, as on a GPU);
+4. ``bf16-mixed``: fp32 master weights and AdamW states, bf16 autocast compute: the reference. Its AdamW is
    foreach, not fused: Lightning's AMP plugin refuses gradient clipping with a fused optimizer;
-4. ``32-true``: fp32 everything: how far two fp32-weight runs differ (the noise floor of the comparison).
+5. ``32-true``: fp32 everything: how far two fp32-weight runs differ (the noise floor of the comparison).
 
 bf16-true loads the same fp32 checkpoint as bf16, so its initial weights are the bf16 rounding of the fp32
 init. Each arm runs in its own subprocess (``L.seed_everything(42)`` before validating and before fitting;
@@ -24,7 +30,8 @@ leaves its weight drift in a temporary file for the others to compare against. T
 here in Python floats: the module's logged ``val_loss`` is a bf16 ``MeanMetric`` under bf16-true (12.0 for
 11.96).
 
-Printed per arm: training loss at step 0, mean training loss of the first and last 10 steps and of the first
+Printed per arm: the loss curve (mean training loss of every epoch, the same rows in each), training loss at
+step 0, mean training loss of the first and last 10 steps and of the first
 and last complete epoch (the same rows, reshuffled), validation loss before and after training; the decrease
 of the training loss (first minus last epoch) and of the validation loss as a share of bf16-mixed's (1.00 =
 tracks fp32 master weights); the mean absolute change of the weights from their init as a share of
@@ -32,8 +39,8 @@ bf16-mixed's (all weights; RMSNorm weights) and the drift along bf16-mixed's dri
 sum(d_ref**2)``, 1.00 = the same move), for the Kahan arm also of weight + compensation; seconds per
 optimizer step (after the first 3; validation excluded).
 
-    python benchmarks/bf16_updates.py                     # 4 arms x 264 steps (12 epochs): ~3 min on 2 idle cores
-    python benchmarks/bf16_updates.py --steps 44 --arms bf16-mixed bf16-true-plain bf16-true-kahan   # ~1 min
+    python benchmarks/bf16_updates.py                     # both parts: ~25 min on 2 cores
+    python benchmarks/bf16_updates.py --part training --steps 44 --arms bf16-mixed bf16-true-plain bf16-true-kahan
 """
 
 from __future__ import annotations
@@ -51,11 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULT = "BF16_UPDATES_RESULT "  # prefix of the one JSON line a child prints
 REFERENCE = "bf16-mixed"
-ARMS = {  # name: (trainer.precision, model.kahan_summation); the reference first, the others compare with it
-    "bf16-mixed": ("bf16-mixed", None),
-    "bf16-true-plain": ("bf16-true", False),
-    "bf16-true-kahan": ("bf16-true", None),
-    "32-true": ("32-true", None),
+ARMS = {  # name: (trainer.precision, model.optimizer); the reference first, the others compare with it
+    "bf16-mixed": ("bf16-mixed", "adamw"),
+    "bf16-true-plain": ("bf16-true", "adamw"),
+    "bf16-true-kahan": ("bf16-true", "kahan"),
+    "bf16-true-8bit-sr": ("bf16-true", "adamw8bit_sr"),
+    "32-true": ("32-true", "adamw"),
 }
 TIMING_WARMUP = 3  # first optimizer steps left out of seconds per step
 
@@ -134,13 +142,17 @@ def train_arm(cfg: dict) -> dict:
                 self.val_tally[1] += int(out[1])
             return out
 
-    precision, kahan = ARMS[cfg["arm"]]
+    precision, choice = ARMS[cfg["arm"]]
+    if choice == "adamw8bit_sr":  # torchao's compiled step, as on a GPU (eager it is ~15x slower on the CPU)
+        from medsft_lightning.training.optim_lowbit import adamw8bit_sr_class
+
+        adamw8bit_sr_class().compile_on_cpu = True
     dm = MedicalDataModule(dataset="medsft:sample", tokenizer=cfg["model"], max_length=cfg["max_length"],
                            batch_size=cfg["batch_size"], num_workers=0)
     # bf16-mixed: Lightning's AMP plugin refuses gradient clipping with a fused optimizer, so foreach AdamW there.
     module = TalliedModule(cfg["model"], learning_rate=cfg["lr"], weight_decay=0.01, warmup_ratio=0.0,
                            min_lr_ratio=1.0, gradient_checkpointing=False, loss_chunk_size=cfg["loss_chunk_size"],
-                           kahan_summation=kahan, fused_adamw=False if precision == "bf16-mixed" else None)
+                           optimizer=choice, fused_adamw=False if precision == "bf16-mixed" else None)
     rec = make_recorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=cfg["steps"], max_epochs=-1,
                         gradient_clip_val=1.0, check_val_every_n_epoch=None, val_check_interval=cfg["val_every"],
@@ -241,8 +253,23 @@ NOTE = ("epoch 1 / last ep: mean training loss of the first / last complete epoc
         f"{TIMING_WARMUP}, validation excluded.")
 
 
+def epoch_curve(r: dict) -> list[float]:
+    """Mean training loss of every complete epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for epoch, loss in zip(r["epochs"], r["losses"]):
+        by_epoch.setdefault(epoch, []).append(loss)
+    return [mean(v) for _, v in sorted(by_epoch.items()) if len(v) == r["epoch_steps"]]
+
+
 def report(results: dict[str, dict], header: list[str]) -> None:
     print("\n".join(header))
+    curves = {name: epoch_curve(r) for name, r in results.items() if "error" not in r}
+    if curves:
+        print("loss curves (mean training loss per epoch, the same rows each epoch):")
+        print(f"{'epoch':>6} " + " ".join(f"{name:>18s}" for name in curves))
+        for epoch in range(max(len(c) for c in curves.values())):
+            print(f"{epoch + 1:>6} " + " ".join(f"{c[epoch]:18.4f}" if epoch < len(c) else f"{'':18s}"
+                                                for c in curves.values()))
     print(f"{COLUMNS[0]:16s} {COLUMNS[1]:10s} " + " ".join(f"{c:>10s}" for c in COLUMNS[2:]))
     ref = results.get(REFERENCE)
     for name, r in results.items():
@@ -270,7 +297,10 @@ def report(results: dict[str, dict], header: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=264, help="optimizer steps per arm (22 = one epoch at batch 4)")
+    p.add_argument("--part", choices=["both", "fidelity", "training"], default="both",
+                   help="fidelity: benchmarks/optimizer_fidelity.py (1,000 steps at lr 1e-5 and 1e-4); training: "
+                        "the tiny model trained with each optimizer")
+    p.add_argument("--steps", type=int, default=132, help="optimizer steps per arm (22 = one epoch at batch 4)")
     p.add_argument("--lr", type=float, default=1e-5, help="constant AdamW learning rate")
     p.add_argument("--max_length", type=int, default=88,
                    help="data.max_length: rows are truncated to it (88: every row keeps supervised tokens)")
@@ -285,6 +315,12 @@ def main() -> None:
     if args.child:
         print(RESULT + json.dumps(child(json.loads(args.child))), flush=True)
         return
+    if args.part in ("both", "fidelity"):
+        from benchmarks import optimizer_fidelity
+
+        optimizer_fidelity.main([])
+        if args.part == "fidelity":
+            return
     import tempfile
 
     common = {k: getattr(args, k) for k in ("steps", "lr", "max_length", "batch_size", "loss_chunk_size", "threads")}

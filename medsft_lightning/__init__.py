@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import warnings
 
@@ -65,3 +66,20 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
     sys.meta_path.append(_MovedModules())
+
+
+class _TorchaoCpuNoise(logging.Filter):
+    """torchao (the 8-bit optimizer's library; transformers imports it too whenever it is installed) logs on a
+    CPU-only torch that its CUDA kernels cannot load (``Failed to load …/_C_mxfp8…``, ``_C_cutlass_90a``), and torch
+    logs a deprecation note for enums torchao registers with pytree. Neither touches anything medsft runs: those
+    lines alone are dropped (``training/optim_lowbit.py``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("Failed to load") and "torchao" in str(record.args or text)
+                    or "is an Enum subclass and is now natively supported by torch.compile" in text)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    if not any(isinstance(f, _TorchaoCpuNoise) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(_TorchaoCpuNoise())

@@ -31,6 +31,7 @@ from medsft_lightning.training.checkpoints import (
 )
 from medsft_lightning.training.loggers import MedSwanLabLogger
 from medsft_lightning.training.module import MedSFTModule
+from medsft_lightning.training.optim_choice import problems as optimizer_problems
 from medsft_lightning.training.sharding import prepare_fsdp2
 
 EXTRA_COMMANDS = {
@@ -86,7 +87,7 @@ def check_config(cfg) -> list[str]:
     need(not (trainer.get("accelerator") == "cpu" and precision.startswith(("bf16", "16"))),
          "trainer.precision", precision,
          "half precision on CPU is ~200x slower than fp32 here; use 32-true on CPU, bf16-true on GPU")
-    return problems
+    return problems + optimizer_problems(model, trainer)
 
 
 class MedSFTCLI(LightningCLI):

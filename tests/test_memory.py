@@ -177,8 +177,9 @@ def test_parse_reads_config_and_flags_win():
     settings, notes = parse(["--config", FULL, "--data.max_length", "4096", "--model.gradient_checkpointing", "false"])
     assert (settings.model, settings.batch_size, settings.max_length, settings.precision) == (
         "Qwen/Qwen3-1.7B", 4, 4096, "bf16-true")
-    assert (settings.checkpointing, settings.chunk_size, settings.accumulate, settings.devices) == (False, 1024, 2, 1)
-    assert settings.fused_adamw and settings.kahan and settings.strategy == "auto" and notes == []
+    assert (settings.checkpointing, settings.chunk_size, settings.accumulate, settings.devices) == (False, 512, 2, 1)
+    assert settings.resolved == "adamw8bit_sr" and settings.optimizer == "torchao" and not settings.kahan
+    assert settings.strategy == "auto" and notes == [] and settings.clip == 1.0
     settings, notes = parse(["--model", "Qwen/Qwen3-0.6B", "--devices", "auto", "--trainer.accelerator", "cpu"])
     assert (settings.model, settings.devices, settings.fused_adamw, settings.precision) == (
         "Qwen/Qwen3-0.6B", 1, True, "32-true")  # MedSFTModule: fused AdamW on CUDA and the CPU
@@ -218,7 +219,7 @@ def test_medsft_memory_command_prints_the_estimate():
     proc = run_memory(["memory", "--config", FULL, "--data.batch_size", "2"], module="medsft_lightning.cli")
     assert proc.returncode == 0, proc.stderr
     settings, _ = parse(["--config", FULL, "--data.batch_size", "2"])
-    total = estimate_for(QWEN3_1P7B, settings)["total"]
+    total = estimate_for(QWEN3_1P7B, settings)["total_device"]
     assert "parameters 1,720,574,976 (1.72 B" in proc.stdout
     assert "micro-batch 2 × 2,048 = 4,096 tokens" in proc.stdout
     assert f"{'total':<40}{total / GIB:>8.2f}  GiB per device" in proc.stdout.splitlines()

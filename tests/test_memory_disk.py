@@ -120,19 +120,57 @@ def test_optimizer_step_temporaries_are_measured(step_measured, case):
 
 
 def test_full_config_counts_kahan_and_its_optimizer():
-    settings, _ = parse(["--config", FULL])
-    assert settings.kahan and settings.optimizer == "optimi-triton"  # bf16-true on a GPU: default on
+    settings, _ = parse(["--config", FULL, "--model.optimizer", "kahan"])
+    assert settings.kahan and settings.optimizer == "optimi-triton"  # bf16-true on a GPU
     est = estimate_for(QWEN3_1P7B, settings)
     kahan = 2 * N_1P7B + 2 * vector_param_count(QWEN3_1P7B)  # fp32 compensation of the norm weights
     assert est["kahan"] == kahan and est["optimizer_step_temp"] == 0
     assert est["total"] == 8 * N_1P7B + kahan + est["activations_checkpointed"] + est["loss_chunked"]
-    cpu, _ = parse(["--config", FULL, "--trainer.accelerator", "cpu"])
+    cpu, _ = parse(["--config", FULL, "--model.optimizer", "kahan", "--trainer.accelerator", "cpu"])
     assert cpu.optimizer == "optimi-for-loop"
     assert estimate_for(QWEN3_1P7B, cpu)["optimizer_step_temp"] == 151_936 * 2048 * 2  # the embedding, bf16
-    off, _ = parse(["--config", FULL, "--model.kahan_summation", "false"])
-    assert not off.kahan and off.optimizer == "fused" and estimate_for(QWEN3_1P7B, off)["kahan"] == 0
-    fp32, _ = parse(["--config", FULL, "--trainer.precision", "32-true"])
+    old, _ = parse(["--config", FULL, "--model.optimizer", "auto", "--model.kahan_summation", "false"])
+    assert not old.kahan and old.optimizer == "fused" and estimate_for(QWEN3_1P7B, old)["kahan"] == 0
+    fp32, _ = parse(["--config", FULL, "--trainer.precision", "32-true", "--model.optimizer", "kahan"])
     assert not fp32.kahan and estimate_for(QWEN3_1P7B, fp32)["kahan"] == 0
+
+
+def test_full_config_fits_16_gib_with_the_device_allowances():
+    settings, _ = parse(["--config", FULL])
+    assert settings.resolved == "adamw8bit_sr" and settings.optimizer == "torchao"
+    est = estimate_for(QWEN3_1P7B, settings)
+    # 8-bit moments: every 2-D tensor (all >= 4,096 values, multiples of 256) as codes + scales + a code map each;
+    # the 1-D norm weights keep two bf16 moments.
+    matrices = N_1P7B - vector_param_count(QWEN3_1P7B)
+    assert est["optimizer"] == 2 * (matrices + matrices // 256 * 4 + (1 + 28 * 7) * 1024) + 4 * vector_param_count(
+        QWEN3_1P7B)
+    assert est["device"]["cuda_context"] == GIB and est["device"]["slack"] == int(0.05 * est["total"])
+    assert est["total_device"] <= 16 * GIB and round(est["total_device"] / GIB, 2) == 15.50
+    text = report(QWEN3_1P7B, settings).splitlines()
+    assert f"{'total':<40}{est['total_device'] / GIB:>8.2f}  GiB per device" in text
+    rows = {line.split()[0]: line.split()[-4:] for line in text if line.startswith("  ") and "B/param" not in line
+            and line.split()[0] in ("adamw8bit_sr", "kahan", "adamw")}
+    assert rows == {"adamw8bit_sr": ["fits"] * 4, "kahan": ["-", "fits", "fits", "fits"],
+                    "adamw": ["-", "fits", "fits", "fits"]}
+
+
+@pytest.mark.parametrize(("size", "verdict"), [("24GiB", "fits: 15.50 GiB needed, 8.50 GiB to spare."),
+                                               ("15GiB", "does NOT fit: 15.50 GiB needed, 0.50 GiB over.")])
+def test_device_memory_gives_a_plain_verdict_and_the_fix(size, verdict):
+    settings, _ = parse(["--config", FULL, "--device_memory", size])
+    text = report(QWEN3_1P7B, settings).splitlines()
+    line = next(x for x in text if x.startswith("On "))
+    assert line == f"On {float(size[:2]):.2f} GiB (--device_memory {size}): {verdict}"
+    if "NOT" in verdict:
+        at = text.index(line)  # chunk 256 alone saves 0.23 GiB, not enough; the least invasive fits come first
+        assert text[at + 1:at + 4] == ["Any one of these makes it fit:",
+                                       "  --data.batch_size 2 --trainer.accumulate_grad_batches 4  (14.46 GiB)",
+                                       "  --data.max_length 1024  (14.45 GiB)"]
+    kahan, _ = parse(["--config", FULL, "--model.optimizer", "kahan", "--device_memory", "16GiB"])
+    text = report(QWEN3_1P7B, kahan).splitlines()
+    at = next(i for i, x in enumerate(text) if x.startswith("On "))
+    assert "does NOT fit: 22.18 GiB needed" in text[at]
+    assert text[at + 2] == "  --model.optimizer adamw8bit_sr  (15.50 GiB)"
 
 
 def test_disk_of_qwen3_1p7b():
@@ -144,10 +182,11 @@ def test_disk_of_qwen3_1p7b():
 
 
 def test_report_shows_kahan_row_hint_and_disk():
-    settings, _ = parse(["--config", FULL])
+    settings, _ = parse(["--config", FULL, "--model.optimizer", "kahan"])
     text = report(QWEN3_1P7B, settings).splitlines()
     gib = (2 * N_1P7B + 2 * vector_param_count(QWEN3_1P7B)) / GIB
     assert f"{'Kahan compensation':<40}{gib:>8.2f}  2 B/param (torch-optimi; fp32 for norm weights)" in text
-    assert f"  {'kahan_summation false':<40}{-gib:+8.2f} GiB  updates below bf16 resolution are lost" in text
+    hint = next(line for line in text if line.startswith("  optimizer adamw8bit_sr "))
+    assert hint.endswith("GiB  8-bit moments, stochastic rounding (the bf16 default)")
     assert any(line.startswith("  one checkpoint (.ckpt)") and f"{8 * N_1P7B / GIB:.2f}" in line for line in text)
     assert any(line.startswith("  needed at the peak") and f"{26 * N_1P7B / GIB:.2f}" in line for line in text)

@@ -85,3 +85,20 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, env, unint
     assert batches_by_step(log) == whole_batches  # every step trained on the same rows
     assert sorted(whole_batches) == list(range(12))
     assert last_val_loss(tmp_path / "runs/r/version_1") == pytest.approx(whole_loss, abs=1e-4)
+
+
+def test_resume_with_the_optimizer_stepped_in_backward(tmp_path, env):
+    """model.optimizer_in_backward keeps one optimizer per parameter: its checkpoint resumes exactly too."""
+    extra = ("--model.optimizer_in_backward", "true", "--trainer.gradient_clip_val", "null")
+    whole = tmp_path / "whole"
+    proc = fit(whole, env, {"log": str(whole / "batches.jsonl")}, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stepped per parameter inside backward" in proc.stderr + proc.stdout
+    work, log = tmp_path / "killed", tmp_path / "killed" / "batches.jsonl"
+    killed = fit(work, env, {"log": str(log), "kill_at_step": 5}, *extra)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = fit(work, env, {"log": str(log)}, *extra, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert batches_by_step(log) == batches_by_step(whole / "batches.jsonl")
+    whole_loss = last_val_loss(whole / "runs/r/version_0")
+    assert last_val_loss(work / "runs/r/version_1") == pytest.approx(whole_loss, abs=1e-4)

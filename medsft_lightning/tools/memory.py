@@ -4,13 +4,9 @@ Pure arithmetic (no torch, nothing downloaded). Per device, in bytes, for T = ba
 tokens per micro-batch, with p / a / r the bytes of a parameter / a matmul activation / the residual
 stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
 
-- weights N·p, gradients N·p, AdamW states 2·N·p (torch and torch-optimi keep both moments in the
-  parameter dtype), Kahan compensation N·p with torch-optimi's Kahan summation on bf16/fp16 weights
-  (``optim.adamw``: fp32 for the 1-D norm weights and biases, +2 B each);
-  bf16-mixed adds N·2 for autocast's bf16 weight copies. N counts a tied LM head once.
-- AdamW step temporaries, L the largest parameter (the embedding): fused none; torch foreach (CUDA's
-  non-fused default) N·p; torch for-loop (CPU's) 2·L·p; torch-optimi with Triton (GPU) none, its
-  for-loop L·p (gradients reused as buffers). Measured on CPU (``tests/test_memory_disk.py``).
+- weights N·p, gradients N·p (``optimizer_in_backward``: the largest tensor's + one layer's); bf16-mixed adds
+  N·2 for autocast's bf16 weight copies. N counts a tied LM head once. The optimizer state of each
+  ``model.optimizer`` choice and its step temporaries, per parameter tensor: ``memory_optim``.
 - activations per token per decoder layer (what a Qwen3 layer with SDPA keeps for backward):
   2 RMSNorms (4+r)·H each (fp32 copy + normalised) + their outputs a·H each; q and k: (4+a)·d
   (q/k-norm) + what SDPA saves of q, k, v (a·q_dim, and k, v repeated to all heads, a·q_dim each,
@@ -28,12 +24,13 @@ stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
   gradient 2·T·H·r. Each is one tensor allocated once per call: a call's measured CPU peak equals it, +
   a 4 MiB CPU-only add slice (``tests/test_loss_memory.py``, ``benchmarks/loss_chunk_memory.py``).
   Seed-style full logits, for comparison: T·V·(a + 4 + 4) (logits, fp32 log-probs, their gradient).
-- total = weights + gradients (+ DDP buckets) + AdamW states (+ Kahan) + max(activations + loss, step
-  temporaries): all counted as alive at once; not the CUDA context (~0.5 GiB), allocator fragmentation
-  or backward's temporary buffers. Against H200 peaks (benchmarks/README.md: Qwen3-1.7B, rows of 2,048,
+- total = weights + gradients (+ DDP buckets) + optimizer state + max(activations + loss, step temporaries)
+  (in backward, untied head: their sum), all alive at once; ``total_device`` adds the CUDA context, allocator
+  slack and NCCL buffers (``memory_optim``). Against H200 peaks (benchmarks/README.md: Qwen3-1.7B, rows of 2,048,
   unpadded, fused AdamW, the loss before its reused buffers) it was 2-5% low: batch 4 with checkpointing
   17.3 vs 17.7 GiB, batch 2 16.4 vs 17.2, batch 4 without checkpointing 39.7 vs 40.9, seed 16.2 vs 16.6.
-- disk: a checkpoint holds weights N·p + AdamW moments 2·N·p (+ Kahan N·p), the ``hf_model`` export N·p;
+- disk: a checkpoint holds weights N·p + the optimizer state (8-bit moments without their code maps), the
+  ``hf_model`` export N·p;
   ``torch.save`` and ``save_pretrained`` store a tied LM head once (measured). A run's peak: best.ckpt +
   last.ckpt + last.ckpt's temporary copy while it is rewritten + the export.
 """
@@ -41,6 +38,8 @@ stream (bf16-true 2/2/2, bf16-mixed 4/2/4, 32-true 4/4/4):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from medsft_lightning.tools import memory_optim
 
 GIB = 1024**3
 
@@ -135,15 +134,12 @@ def stored_param_count(arch: Arch) -> int:
 
 def vector_param_count(arch: Arch) -> int:
     """Elements of the 1-D parameters (norm weights, biases): the group ``optim.adamw`` compensates in fp32."""
-    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    bias = q_dim + 2 * kv_dim + arch.hidden_size if arch.attention_bias else 0
-    return arch.num_hidden_layers * (2 * arch.hidden_size + 2 * arch.head_dim + bias) + arch.hidden_size
+    return sum(n for n, dims in param_tensors(arch) if dims < 2)
 
 
 def largest_param_count(arch: Arch) -> int:
     """Elements of the largest single parameter (the embedding, for every Qwen3)."""
-    q_dim = arch.num_attention_heads * arch.head_dim
-    return max(arch.vocab_size * arch.hidden_size, arch.hidden_size * max(q_dim, arch.intermediate_size))
+    return max(n for n, _ in param_tensors(arch))
 
 
 def precision_of(precision: str | int) -> Precision:
@@ -202,32 +198,33 @@ def chunked_loss_bytes(arch: Arch, precision: str, tokens: int, chunk_size: int)
     return sum(chunked_loss_parts(arch, precision, tokens, chunk_size).values())
 
 
-OPTIMIZERS = ("fused", "foreach", "for-loop", "optimi-triton", "optimi-for-loop")
+OPTIMIZERS = memory_optim.STEPS
+
+
+def param_tensors(arch: Arch) -> list[tuple[int, int]]:
+    """(values, dimensions) of every distinct parameter tensor of a Qwen3 (a tied LM head once)."""
+    h, d, q, kv, i = (arch.hidden_size, arch.head_dim, arch.num_attention_heads * arch.head_dim,
+                      arch.num_key_value_heads * arch.head_dim, arch.intermediate_size)
+    layer = [(q * h, 2), (kv * h, 2), (kv * h, 2), (h * q, 2), (d, 1), (d, 1), (i * h, 2), (i * h, 2), (h * i, 2),
+             (h, 1), (h, 1)] + ([(q, 1), (kv, 1), (kv, 1), (h, 1)] if arch.attention_bias else [])
+    head = [] if arch.tie_word_embeddings else [(arch.vocab_size * h, 2)]
+    return [(arch.vocab_size * h, 2), *layer * arch.num_hidden_layers, (h, 1), *head]
 
 
 def optimizer_step_temp_bytes(arch: Arch, precision: str, optimizer: str, shard: int = 1) -> int:
-    """What one AdamW step allocates beyond its states (module docstring); ``optimizer`` in OPTIMIZERS."""
-    p = precision_of(precision).param
-    largest = largest_param_count(arch) * p // shard
-    temps = {"fused": 0, "foreach": param_count(arch) * p // shard, "for-loop": 2 * largest,
-             "optimi-triton": 0, "optimi-for-loop": largest}
-    if optimizer not in temps:
-        raise EstimateError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    return temps[optimizer]
-
-
-def kahan_bytes(arch: Arch, precision: str, optimizer: str, shard: int = 1) -> int:
-    """Kahan compensation (``optim.adamw``): one per bf16/fp16 weight, in its dtype but fp32 for 1-D ones."""
-    p, vectors = precision_of(precision).param, vector_param_count(arch)
-    if not optimizer.startswith("optimi") or p == 4:
-        return 0
-    return ((param_count(arch) - vectors) * p + vectors * 4) // shard
+    """What one optimizer step allocates beyond its states (``memory_optim``); ``optimizer`` in OPTIMIZERS."""
+    try:
+        return memory_optim.step_temp_bytes(param_tensors(arch), precision_of(precision).param, optimizer, shard)
+    except ValueError as err:
+        raise EstimateError(str(err)) from None
 
 
 def disk_bytes(arch: Arch, precision: str, optimizer: str) -> dict[str, int]:
     """A checkpoint file, the ``hf_model`` export and a run's peak (module docstring), in bytes."""
-    weights = param_count(arch) * precision_of(precision).param  # a tied LM head stored once
-    ckpt = 3 * weights + kahan_bytes(arch, precision, optimizer)
+    p = precision_of(precision).param
+    weights = param_count(arch) * p  # a tied LM head stored once
+    ckpt = weights + sum(memory_optim.state_bytes(param_tensors(arch), p, memory_optim.choice_of(optimizer),
+                                                  on_disk=True))
     # best.ckpt + last.ckpt + last.ckpt.tmp-<pid> (the old file stays until the rename) + hf_model at the end
     return {"checkpoint": ckpt, "export": weights, "peak": 3 * ckpt + weights}
 
@@ -248,6 +245,8 @@ def estimate(
     strategy: str = "auto",
     optimizer: str = "fused",
     padded: bool = True,
+    in_backward: bool = False,
+    gpu: bool = False,
 ) -> dict:
     """Per-device memory of one training step, in bytes per item (see the module docstring).
 
@@ -261,8 +260,12 @@ def estimate(
         devices: devices per run (sharding under ``fsdp``, gradient buckets under ``ddp``).
         strategy: ``auto`` (``ddp`` when devices > 1), ``ddp`` or ``fsdp`` (rough: full sharding with each
             decoder layer wrapped; the embedding and two layers gathered at a time).
-        optimizer: how the AdamW step runs, one of OPTIMIZERS; ``optimi-*``: torch-optimi, Kahan-summed.
+        optimizer: how the optimizer step runs, one of OPTIMIZERS (``optimi-*``: ``model.optimizer`` kahan,
+            ``torchao*``: adamw8bit_sr, the others adamw); its state per tensor: ``memory_optim``.
         padded: rows padded to a common length (an attention mask is passed), as in real batches.
+        in_backward: ``model.optimizer_in_backward``: gradients live only until their tensor has stepped (the
+            largest tensor's and one decoder layer's counted), the step runs inside backward.
+        gpu: add what a GPU adds beyond tensors (``memory_optim.device_overhead``) as ``total_device``.
     """
     pr, n = precision_of(precision), param_count(arch)
     mode = "ddp" if strategy == "auto" and devices > 1 else strategy
@@ -271,8 +274,11 @@ def estimate(
     out = {"params": n, "params_stored": stored_param_count(arch), "tokens": tokens, "strategy": mode}
     out["weights"] = n * pr.param // shard
     out["autocast_copies"] = n * pr.autocast // shard
-    out["gradients"] = n * pr.param // shard
-    out["optimizer"] = 2 * n * pr.param // shard
+    tensors = param_tensors(arch)
+    in_flight = max(t for t, _ in tensors) + layer_param_count(arch)  # the embedding's and one layer's gradients
+    out["gradients"] = (in_flight if in_backward else n) * pr.param // shard
+    out["optimizer"], out["kahan"] = memory_optim.state_bytes(tensors, pr.param, memory_optim.choice_of(optimizer),
+                                                              shard)
     out["ddp_buckets"] = out["gradients"] if mode == "ddp" and devices > 1 else 0
     # fsdp: the root unit (embedding/LM head) stays gathered; two decoder layers are gathered at a time.
     gathered = arch.vocab_size * arch.hidden_size + 2 * layer_param_count(arch)
@@ -283,9 +289,12 @@ def estimate(
     out["loss_chunked"] = chunked_loss_bytes(arch, precision, tokens, chunk_size)
     out["loss_full"] = full_logits_bytes(arch, precision, tokens)
     out["optimizer_step_temp"] = optimizer_step_temp_bytes(arch, precision, optimizer, shard)
-    out["kahan"] = kahan_bytes(arch, precision, optimizer, shard)
     out["disk"] = disk_bytes(arch, precision, optimizer)
     static = sum(out[k] for k in ("weights", "autocast_copies", "gradients", "optimizer", "kahan", "ddp_buckets"))
-    step = max(out["activations"] + out["loss_chunked"], out["optimizer_step_temp"])
+    forward = out["activations"] + out["loss_chunked"]
+    alongside = in_backward and not arch.tie_word_embeddings
+    step = forward + out["optimizer_step_temp"] if alongside else max(forward, out["optimizer_step_temp"])
     out["total"] = static + out["fsdp_gathered"] + step
+    out["device"] = memory_optim.device_overhead(out["total"], gpu, devices)
+    out["total_device"] = out["total"] + sum(out["device"].values())
     return out

@@ -15,6 +15,8 @@ from medsft_lightning.tools.memory import (
     arch_from_config,
     precision_of,
 )
+from medsft_lightning.tools.memory_optim import parse_size
+from medsft_lightning.training.optim_choice import resolve, weights_of
 
 # flag: (kind, default). Defaults are those of MedSFTModule, MedicalDataModule and Trainer (a test checks).
 FIELDS: dict[str, tuple[str, object]] = {
@@ -23,11 +25,14 @@ FIELDS: dict[str, tuple[str, object]] = {
     "model.loss_chunk_size": ("int", 1024),
     "model.fused_adamw": ("bool?", None),
     "model.kahan_summation": ("bool?", None),
+    "model.optimizer": ("str", "auto"),
+    "model.optimizer_in_backward": ("bool", False),
     "data.batch_size": ("int", 4),
     "data.max_length": ("int", 2048),
     "trainer.precision": ("str", "32-true"),
     "trainer.devices": ("devices", "auto"),
     "trainer.accumulate_grad_batches": ("int", 1),
+    "trainer.gradient_clip_val": ("float?", None),
     "trainer.strategy": ("str", "auto"),
     "trainer.accelerator": ("str", "auto"),
 }
@@ -49,17 +54,32 @@ class Settings:
     fused_adamw: bool
     kahan_summation: bool | None
     cpu: bool  # trainer.accelerator cpu: no Triton for torch-optimi, PyTorch's non-fused AdamW is a for-loop
+    choice: str = "auto"  # model.optimizer as written
+    in_backward: bool = False  # model.optimizer_in_backward
+    device_memory: int | None = None  # --device_memory, bytes
+    device_name: str = ""  # where device_memory came from
+    clip: float | None = None  # trainer.gradient_clip_val
+
+    @property
+    def resolved(self) -> str:
+        """The optimizer ``model.optimizer`` runs for these weights (``training.optim_choice.resolve``)."""
+        try:
+            return resolve(self.choice, weights_of(self.precision), self.kahan_summation)
+        except ValueError as err:
+            raise EstimateError(str(err)) from None
 
     @property
     def kahan(self) -> bool:
-        """``model.kahan_summation`` as MedSFTModule applies it: only to bf16/fp16 weights (``None`` or ``true``)."""
-        return precision_of(self.precision).param == 2 and self.kahan_summation is not False
+        """Whether torch-optimi's Kahan-compensated AdamW runs."""
+        return self.resolved == "kahan"
 
     @property
     def optimizer(self) -> str:
-        """How the AdamW step runs (``memory.OPTIMIZERS``), as ``optim.adamw`` picks it."""
+        """How the optimizer step runs (``memory.OPTIMIZERS``), as ``optim.build`` picks it."""
         if self.kahan:  # torch-optimi: its Triton kernel on a GPU (Triton ships with PyTorch's CUDA wheels)
             return "optimi-for-loop" if self.cpu else "optimi-triton"
+        if self.resolved == "adamw8bit_sr":  # torchao: compiled on CUDA, eager on the CPU (optim_lowbit.py)
+            return "torchao-eager" if self.cpu else "torchao"
         return "fused" if self.fused_adamw else ("for-loop" if self.cpu else "foreach")
 
 
@@ -77,6 +97,13 @@ def _convert(kind: str, value, origin: str):
         if text not in _TRUE | _FALSE:
             raise EstimateError(f"{origin}={value!r}: use true or false")
         return text in _TRUE
+    if kind == "float?":
+        if value is None or text in ("null", "none"):
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise EstimateError(f"{origin}={value!r}: use a number or null") from None
     if kind == "devices":  # None: not known before the run ("auto", -1)
         if isinstance(value, list):
             return len(value) or None
@@ -164,12 +191,17 @@ def parse(argv: list[str]) -> tuple[Settings, list[str]]:
                      description="Estimate one device's training memory for a medsft config (nothing is loaded).")
     parser.add_argument("--config", action="append", default=[], help="a medsft fit YAML (repeatable)")
     for field, (kind, default) in FIELDS.items():
-        metavar = {"int": "INT", "bool": "BOOL", "bool?": "BOOL|null", "devices": "N"}.get(kind, "VALUE")
+        metavar = {"int": "INT", "bool": "BOOL", "bool?": "BOOL|null", "float?": "FLOAT|null", "devices": "N"}.get(
+            kind, "VALUE")
         parser.add_argument(f"--{field}", dest=field, default=None, metavar=metavar,
                             help=f"overrides the config; default {default!r}")
     for flag, field in ALIASES.items():
         parser.add_argument(flag, dest=field, default=None, metavar="VALUE", help=f"same as --{field}")
+    parser.add_argument("--device_memory", default=None, metavar="SIZE",
+                        help="the GPU's memory (24GiB, 24GB, 16384MiB, or auto: the visible GPU's): say whether the "
+                             "config fits and what to change if not")
     args = vars(parser.parse_args(argv))
+    device_memory, device_name = _device_memory(args.pop("device_memory"))
     raw = {field: (default, "default") for field, (_, default) in FIELDS.items()}
     for path in args.pop("config"):
         raw.update(_from_config(path))
@@ -192,6 +224,26 @@ def parse(argv: list[str]) -> tuple[Settings, list[str]]:
         chunk_size=val["model.loss_chunk_size"], devices=devices,
         strategy=_strategy(val["trainer.strategy"], raw["trainer.strategy"][1]),
         accumulate=val["trainer.accumulate_grad_batches"], fused_adamw=fused,
-        kahan_summation=val["model.kahan_summation"], cpu=accelerator == "cpu",
+        kahan_summation=val["model.kahan_summation"], cpu=accelerator == "cpu", choice=val["model.optimizer"],
+        in_backward=val["model.optimizer_in_backward"], device_memory=device_memory, device_name=device_name,
+        clip=val["trainer.gradient_clip_val"],
     )
+    settings.resolved  # fails early on an optimizer that cannot run
     return settings, notes
+
+
+def _device_memory(text: str | None) -> tuple[int | None, str]:
+    """``--device_memory``: bytes and where they came from (``auto``: the first visible CUDA GPU)."""
+    if text is None:
+        return None, ""
+    if str(text).strip().lower() == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EstimateError("--device_memory auto: no CUDA GPU is visible here; pass the size, e.g. 24GiB")
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"{props.name}, GPU 0"
+    try:
+        return parse_size(text), f"--device_memory {text}"
+    except ValueError as err:
+        raise EstimateError(f"--device_memory {err}") from None

@@ -70,13 +70,21 @@ class MedSFTModule(L.LightningModule):
         on_nonfinite_loss: a NaN/inf training loss ``error`` stops the run naming the batch's rows
             (``file:line``); ``skip`` warns, counts (``train_nonfinite_skipped``) and skips that batch's
             update (single process only: under DDP the other ranks would wait for it).
-        fused_adamw: use PyTorch's fused AdamW kernel (one kernel per step, no per-parameter temporaries;
-            ``None``: on for CUDA and CPU, off elsewhere and under ``*-mixed`` precision, where Lightning refuses
-            gradient clipping with it). On the tiny CPU model it is 6x faster than foreach. Not used with Kahan.
-        kahan_summation: Kahan-compensated AdamW updates (torch-optimi), so that updates smaller than a bf16
-            weight's resolution are not rounded away (see ``optim.py``); +2 B/param of optimizer state.
-            ``None``/``true``: on for bf16/fp16 weights (``bf16-true``); fp32 weights (``32-true``, ``bf16-mixed``)
-            need none. ``false``: plain AdamW on bf16 weights (most updates at lr 1e-5 are lost).
+        fused_adamw: PyTorch's fused AdamW kernel for ``optimizer`` ``adamw`` (one kernel per step, no per-parameter
+            temporaries; ``None``: on for CUDA and CPU, off elsewhere and under ``*-mixed`` precision, where Lightning
+            refuses gradient clipping with it). On the tiny CPU model 6x faster than foreach. ``true`` with another
+            optimizer is an error.
+        kahan_summation: the switch before ``optimizer``: ``true`` means ``optimizer: kahan``, ``false`` means
+            ``optimizer: adamw``, ``None`` (default) leaves it to ``optimizer``; with another ``optimizer`` an error.
+        optimizer: ``auto`` (default: ``adamw8bit_sr`` for bf16 weights, ``kahan`` for fp16, ``adamw`` for fp32),
+            ``adamw`` (torch; bf16 weights round most updates at lr 1e-5 away), ``kahan`` (torch-optimi, Kahan
+            compensation: +2 B/param, bf16 moments that drift from fp32's over long runs) or ``adamw8bit_sr`` (torchao,
+            8-bit moments: -2 B/param against adamw, bf16 weights stochastically rounded). Measured per choice in
+            benchmarks/README.md; bytes per parameter in ``medsft memory``.
+        optimizer_in_backward: step each weight inside backward as soon as its gradient is complete and free that
+            gradient (-2 B/param for bf16 weights, less the largest gradient). Refused with gradient accumulation,
+            gradient clipping and several devices (see ``optim_backward.py``).
+        compile_layers: ``torch.compile`` each decoder layer (GPU speed; the first steps compile, minutes on a CPU).
     """
 
     predict_engine = None  # ``medsft predict --engine vllm``: a generation.vllm_engine.VllmEngine decodes instead
@@ -99,6 +107,9 @@ class MedSFTModule(L.LightningModule):
         on_nonfinite_loss: Literal["error", "skip"] = "error",
         lora: LoraSettings | None = None,
         kahan_summation: bool | None = None,
+        optimizer: Literal["auto", "adamw", "kahan", "adamw8bit_sr"] = "auto",
+        optimizer_in_backward: bool = False,
+        compile_layers: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,6 +147,9 @@ class MedSFTModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora is not None:
             self.model = apply_lora(self.model, self.lora)
+        if hp.compile_layers:
+            for layer in base_model(self.model).model.layers:
+                layer.compile()
         if self.device_mesh is not None:  # only ModelParallelStrategy sets a device mesh
             object.__setattr__(self, "fsdp_root", shard_causal_lm(self.model, self.device_mesh))
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -265,33 +279,9 @@ class MedSFTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
+            optim.check_resume(self, checkpoint)
             restore_rng(checkpoint.get("medsft_rng"))
 
     # -- optimisation ------------------------------------------------------------------------
-    def _fused_by_default(self) -> bool:
-        """Fused AdamW on CUDA and CPU, except under ``*-mixed`` precision, whose Lightning plugin refuses gradient
-        clipping with an optimizer that unscales inside its step (fused AdamW): full.yaml clips at 1.0."""
-        mixed = str(getattr(self._trainer, "precision", "")).endswith("-mixed")
-        return self.device.type in ("cuda", "cpu") and not mixed
-
     def configure_optimizers(self):
-        hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        kahan = optim.use_kahan(hp.kahan_summation, decay + no_decay)
-        optimizer = optim.adamw(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, betas=tuple(hp.betas), kahan=kahan,
-            fused=hp.fused_adamw if hp.fused_adamw is not None else self._fused_by_default(),
-        )
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in decay + no_decay})
-        rank_zero_info(f"[optim] AdamW on {'/'.join(dtypes)} weights, "
-                       + ("Kahan-compensated updates (torch-optimi; +2 B/param)" if kahan else "plain updates"))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: optim.warmup_cosine(step, total, warmup, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optim.configure(self)

@@ -47,14 +47,21 @@ def sync_optimizer_hparams(optimizer, scheduler, lr: float, betas: tuple[float, 
         for key, value in settings:
             old = group.get(key)
             old = tuple(old) if isinstance(old, list) else old
+            if isinstance(old, torch.Tensor):  # torchao keeps its LR as an fp32 tensor: compare at fp32's precision
+                old = float(f"{float(old):.7g}")  # fp32's 7 significant digits
+                if abs(old - value) <= 1e-6 * abs(value):
+                    continue
             if key in group and old != value:
                 changes.append(f"{key}: {old} → {value}")
                 group[key] = value
-    if scheduler is not None and list(scheduler.base_lrs) != [lr] * len(scheduler.base_lrs):
+    if scheduler is not None and any(abs(float(b) - lr) > 1e-6 * lr for b in scheduler.base_lrs):
         scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
         for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = lr * lam(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            if isinstance(group["lr"], torch.Tensor):  # torchao: its LR stays a tensor, set in place
+                group["lr"].fill_(lr * lam(scheduler.last_epoch))
+            else:
+                group["lr"] = lr * lam(scheduler.last_epoch)
+        scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
     return sorted(set(changes))
 
 
